@@ -1,0 +1,399 @@
+#include "communicator.h"
+
+#include <thread>
+
+#include "device_guard.h"
+#include "error.h"
+
+namespace tpext::core {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+std::string describe_rank(const std::string& name, int rank, int size, int device) {
+  return "communicator '" + name + "' (rank " + std::to_string(rank) + " of " + std::to_string(size) +
+         ", cuda:" + std::to_string(device) + ")";
+}
+
+std::string nccl_message(const char* what, const std::string& where, ncclResult_t result, ncclComm_t comm) {
+  std::string msg = std::string("tpext NCCL error in ") + what + " on " + where + ": " +
+                    ncclGetErrorString(result) + " (ncclResult_t " + std::to_string(static_cast<int>(result)) + ")";
+  const char* last = ncclGetLastError(comm);
+  if (last != nullptr && last[0] != '\0') msg += ". NCCL says: " + std::string(last);
+  return msg;
+}
+
+ncclConfig_t make_config(const CommOptions& opts) {
+  ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+  cfg.blocking = 0;
+  cfg.commName = opts.name.c_str();
+  if (opts.min_ctas > 0) cfg.minCTAs = opts.min_ctas;
+  if (opts.max_ctas > 0) cfg.maxCTAs = opts.max_ctas;
+  if (opts.cga_cluster_size >= 0) cfg.cgaClusterSize = opts.cga_cluster_size;
+  return cfg;
+}
+
+void validate_options(const CommOptions& opts) {
+  if (!(opts.timeout_s > 0)) throw_invalid_argument("timeout: expected a positive number of seconds, got " + std::to_string(opts.timeout_s));
+  if (opts.min_ctas > 0 && opts.max_ctas > 0 && opts.min_ctas > opts.max_ctas)
+    throw_invalid_argument("min_ctas: expected <= max_ctas (" + std::to_string(opts.max_ctas) + "), got " + std::to_string(opts.min_ctas));
+}
+
+// Waits until a freshly created (or split) communicator finished its non-blocking init. Returns the
+// final state; on timeout aborts `comm` and throws.
+void wait_init(ncclComm_t comm, Clock::time_point deadline, const char* what, const std::string& where) {
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+    if (r != ncclSuccess) state = r;
+    if (state == ncclSuccess) return;
+    if (state != ncclInProgress) {
+      std::string msg = nccl_message(what, where, state, comm);
+      ncclCommAbort(comm);
+      throw NcclError(msg, state);
+    }
+    if (Clock::now() > deadline) {
+      ncclCommAbort(comm);
+      throw Timeout(std::string("tpext timeout in ") + what + " on " + where +
+                    ": not every rank joined before the deadline; is every rank calling it with the same "
+                    "unique id and size? The communicator was aborted.");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+void check_device(int device, const char* field) {
+  int count = 0;
+  TPEXT_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count)
+    throw_invalid_argument(std::string(field) + ": expected a CUDA device index in [0, " + std::to_string(count) +
+                           "), got " + std::to_string(device));
+}
+
+}  // namespace
+
+UniqueId make_unique_id() {
+  ncclUniqueId id;
+  ncclResult_t r = ncclGetUniqueId(&id);
+  if (r != ncclSuccess) throw NcclError(nccl_message("ncclGetUniqueId", "this process", r, nullptr), r);
+  UniqueId out;
+  std::copy(id.internal, id.internal + NCCL_UNIQUE_ID_BYTES, out.begin());
+  return out;
+}
+
+int nccl_runtime_version() {
+  int v = 0;
+  ncclResult_t r = ncclGetVersion(&v);
+  if (r != ncclSuccess) throw NcclError(nccl_message("ncclGetVersion", "this process", r, nullptr), r);
+  return v;
+}
+
+Communicator::Communicator(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts)
+    : comm_(comm), rank_(rank), size_(size), device_(device), opts_(opts) {
+  DeviceGuard guard(device_);
+  int least = 0, greatest = 0;
+  TPEXT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  TPEXT_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking,
+                                                opts_.high_priority_stream ? greatest : least));
+  TPEXT_CUDA_CHECK(cudaEventCreateWithFlags(&caller_ready_, cudaEventDisableTiming));
+  TPEXT_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
+}
+
+std::unique_ptr<Communicator> Communicator::create(const UniqueId& id, int rank, int size, int device,
+                                                   const CommOptions& opts) {
+  if (size <= 0) throw_invalid_argument("size: expected a positive number of ranks, got " + std::to_string(size));
+  if (rank < 0 || rank >= size)
+    throw_invalid_argument("rank: expected a rank in [0, " + std::to_string(size) + "), got " + std::to_string(rank));
+  validate_options(opts);
+  check_device(device, "device");
+  DeviceGuard guard(device);
+  ncclUniqueId nid;
+  std::copy(id.begin(), id.end(), nid.internal);
+  ncclConfig_t cfg = make_config(opts);
+  ncclComm_t comm = nullptr;
+  const std::string where = describe_rank(opts.name, rank, size, device);
+  ncclResult_t r = ncclCommInitRankConfig(&comm, size, nid, rank, &cfg);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    std::string msg = nccl_message("ncclCommInitRankConfig", where, r, comm);
+    if (comm != nullptr) ncclCommAbort(comm);
+    throw NcclError(msg, r);
+  }
+  wait_init(comm, deadline_after(opts.timeout_s), "ncclCommInitRankConfig", where);
+  try {
+    return std::unique_ptr<Communicator>(new Communicator(comm, rank, size, device, opts));
+  } catch (...) {
+    ncclCommAbort(comm);
+    throw;
+  }
+}
+
+std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std::vector<int>& devices,
+                                                                      const CommOptions& opts) {
+  if (devices.empty()) throw_invalid_argument("devices: expected at least one CUDA device index, got none");
+  validate_options(opts);
+  for (int d : devices) check_device(d, "devices");
+  const int n = static_cast<int>(devices.size());
+  UniqueId id = make_unique_id();
+  ncclUniqueId nid;
+  std::copy(id.begin(), id.end(), nid.internal);
+  std::vector<ncclComm_t> comms(devices.size(), nullptr);
+  ncclConfig_t cfg = make_config(opts);
+  {
+    DeviceGuard guard(devices[0]);
+    ncclResult_t r = ncclGroupStart();
+    if (r != ncclSuccess) throw NcclError(nccl_message("ncclGroupStart", "create_local", r, nullptr), r);
+    for (int i = 0; i < n; ++i) {
+      TPEXT_CUDA_CHECK(cudaSetDevice(devices[i]));
+      r = ncclCommInitRankConfig(&comms[i], n, nid, i, &cfg);
+      if (r != ncclSuccess && r != ncclInProgress) {
+        ncclGroupEnd();
+        throw NcclError(nccl_message("ncclCommInitRankConfig", describe_rank(opts.name, i, n, devices[i]), r, comms[i]), r);
+      }
+    }
+    r = ncclGroupEnd();
+    if (r != ncclSuccess && r != ncclInProgress)
+      throw NcclError(nccl_message("ncclGroupEnd", "create_local", r, nullptr), r);
+  }
+  const auto deadline = deadline_after(opts.timeout_s);
+  std::vector<std::unique_ptr<Communicator>> out;
+  try {
+    for (int i = 0; i < n; ++i) {
+      wait_init(comms[i], deadline, "ncclCommInitRankConfig", describe_rank(opts.name, i, n, devices[i]));
+      out.emplace_back(new Communicator(comms[i], i, n, devices[i], opts));
+      comms[i] = nullptr;
+    }
+  } catch (...) {
+    for (ncclComm_t c : comms)
+      if (c != nullptr) ncclCommAbort(c);
+    throw;
+  }
+  return out;
+}
+
+Communicator::~Communicator() {
+  try {
+    destroy();
+  } catch (...) {
+    abort();
+  }
+  if (stream_ != nullptr || caller_ready_ != nullptr || comm_done_ != nullptr) {
+    int previous = 0;
+    bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
+    (void)cudaSetDevice(device_);
+    if (caller_ready_ != nullptr) (void)cudaEventDestroy(caller_ready_);
+    if (comm_done_ != nullptr) (void)cudaEventDestroy(comm_done_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+    if (have_previous) (void)cudaSetDevice(previous);
+    (void)cudaGetLastError();
+  }
+}
+
+std::string Communicator::describe() const { return describe_rank(opts_.name, rank_, size_, device_); }
+
+void Communicator::require_alive(const char* what) const {
+  if (comm_ == nullptr)
+    throw Destroyed(std::string("tpext: ") + what + " on " + describe() +
+                    ": the communicator was destroyed or aborted after an error; create it again");
+}
+
+void Communicator::fail(const char* what, ncclResult_t result) {
+  std::string msg = nccl_message(what, describe(), result, comm_);
+  abort();
+  throw NcclError(msg + ". The communicator was aborted.", result);
+}
+
+void Communicator::wait_ready(const char* what) {
+  const auto deadline = deadline_after(opts_.timeout_s);
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+    if (r != ncclSuccess) fail(what, r);
+    if (state == ncclSuccess) return;
+    if (state != ncclInProgress) fail(what, state);
+    if (Clock::now() > deadline) {
+      std::string where = describe();
+      abort();
+      throw Timeout(std::string("tpext timeout in ") + what + " on " + where + " after " +
+                    std::to_string(opts_.timeout_s) + " s; the communicator was aborted");
+    }
+    std::this_thread::yield();
+  }
+}
+
+std::unique_ptr<Communicator> Communicator::split(int color, int key, const CommOptions& opts) {
+  require_alive("split");
+  if (color < 0 && color != kNoColor)
+    throw_invalid_argument("color: expected a non-negative color or kNoColor, got " + std::to_string(color));
+  validate_options(opts);
+  DeviceGuard guard(device_);
+  ncclConfig_t cfg = make_config(opts);
+  ncclComm_t child = nullptr;
+  ncclResult_t r = ncclCommSplit(comm_, color, key, &child, &cfg);
+  if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommSplit", r);
+  // The split is collective on the parent: wait for the parent to leave the in-progress state,
+  // then for the child to finish its own init.
+  wait_ready("ncclCommSplit");
+  if (color == kNoColor || child == nullptr) return nullptr;
+  int child_rank = 0, child_size = 0;
+  wait_init(child, deadline_after(opts.timeout_s), "ncclCommSplit",
+            "the child '" + opts.name + "' of " + describe());
+  if (ncclCommUserRank(child, &child_rank) != ncclSuccess || ncclCommCount(child, &child_size) != ncclSuccess) {
+    ncclCommAbort(child);
+    throw NcclError("tpext: could not read rank/size of the communicator split from " + describe(), ncclInternalError);
+  }
+  try {
+    return std::unique_ptr<Communicator>(new Communicator(child, child_rank, child_size, device_, opts));
+  } catch (...) {
+    ncclCommAbort(child);
+    throw;
+  }
+}
+
+void Communicator::fence_in(cudaStream_t caller) {
+  if (caller == stream_) return;
+  TPEXT_CUDA_CHECK_CTX(cudaEventRecord(caller_ready_, caller), describe());
+  TPEXT_CUDA_CHECK_CTX(cudaStreamWaitEvent(stream_, caller_ready_, 0), describe());
+}
+
+void Communicator::fence_out(cudaStream_t caller) {
+  if (caller == stream_) return;
+  TPEXT_CUDA_CHECK_CTX(cudaEventRecord(comm_done_, stream_), describe());
+  TPEXT_CUDA_CHECK_CTX(cudaStreamWaitEvent(caller, comm_done_, 0), describe());
+}
+
+void Communicator::enqueue(const Collective& c) {
+  const char* what = collective_name(c.kind);
+  require_alive(what);
+  validate(c, size_, describe());
+  const int k = static_cast<int>(c.kind);
+  calls_[k].fetch_add(1, std::memory_order_relaxed);
+  bytes_[k].fetch_add(input_bytes(c, size_), std::memory_order_relaxed);
+  if (c.count == 0) return;
+  ncclResult_t r = ncclSuccess;
+  const ncclDataType_t dt = to_nccl(c.dtype);
+  switch (c.kind) {
+    case CollectiveKind::kAllReduce:
+      r = ncclAllReduce(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm_, stream_);
+      break;
+    case CollectiveKind::kAllGather:
+      r = ncclAllGather(c.send, c.recv, c.count, dt, comm_, stream_);
+      break;
+    case CollectiveKind::kReduceScatter:
+      r = ncclReduceScatter(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm_, stream_);
+      break;
+    case CollectiveKind::kBroadcast:
+      r = ncclBroadcast(c.send, c.recv, c.count, dt, c.root, comm_, stream_);
+      break;
+  }
+  if (r == ncclInProgress) {
+    wait_ready(what);
+  } else if (r != ncclSuccess) {
+    fail(what, r);
+  }
+}
+
+void Communicator::run(const Collective& c, cudaStream_t caller) {
+  require_alive(collective_name(c.kind));
+  validate(c, size_, describe());  // before the fence, so bad input enqueues nothing
+  DeviceGuard guard(device_);
+  fence_in(caller);
+  enqueue(c);
+  fence_out(caller);
+}
+
+void Communicator::all_reduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op,
+                              cudaStream_t caller) {
+  run(Collective{CollectiveKind::kAllReduce, send, recv, count, dtype, op, 0}, caller);
+}
+
+void Communicator::all_gather(const void* send, void* recv, size_t send_count, DataType dtype, cudaStream_t caller) {
+  run(Collective{CollectiveKind::kAllGather, send, recv, send_count, dtype, ReduceOp::kSum, 0}, caller);
+}
+
+void Communicator::reduce_scatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
+                                  cudaStream_t caller) {
+  run(Collective{CollectiveKind::kReduceScatter, send, recv, recv_count, dtype, op, 0}, caller);
+}
+
+void Communicator::broadcast(const void* send, void* recv, size_t count, DataType dtype, int root,
+                             cudaStream_t caller) {
+  run(Collective{CollectiveKind::kBroadcast, send, recv, count, dtype, ReduceOp::kSum, root}, caller);
+}
+
+void Communicator::run_grouped(const std::vector<Communicator*>& comms, const std::vector<Collective>& collectives,
+                               const std::vector<cudaStream_t>& callers) {
+  if (comms.size() != collectives.size() || comms.size() != callers.size())
+    throw_invalid_argument("collectives: expected one collective and one stream per communicator, got " +
+                           std::to_string(comms.size()) + " communicators, " + std::to_string(collectives.size()) +
+                           " collectives, " + std::to_string(callers.size()) + " streams");
+  for (size_t i = 0; i < comms.size(); ++i) {
+    if (comms[i] == nullptr) throw_invalid_argument("comms: entry " + std::to_string(i) + " is null");
+    comms[i]->require_alive(collective_name(collectives[i].kind));
+    validate(collectives[i], comms[i]->size_, comms[i]->describe());
+  }
+  for (size_t i = 0; i < comms.size(); ++i) {
+    DeviceGuard guard(comms[i]->device_);
+    comms[i]->fence_in(callers[i]);
+  }
+  ncclResult_t r = ncclGroupStart();
+  if (r != ncclSuccess) comms[0]->fail("ncclGroupStart", r);
+  try {
+    for (size_t i = 0; i < comms.size(); ++i) {
+      DeviceGuard guard(comms[i]->device_);
+      comms[i]->enqueue(collectives[i]);
+    }
+  } catch (...) {
+    ncclGroupEnd();
+    throw;
+  }
+  r = ncclGroupEnd();
+  if (r != ncclSuccess && r != ncclInProgress) comms[0]->fail("ncclGroupEnd", r);
+  for (size_t i = 0; i < comms.size(); ++i) {
+    comms[i]->wait_ready("ncclGroupEnd");
+    DeviceGuard guard(comms[i]->device_);
+    comms[i]->fence_out(callers[i]);
+  }
+}
+
+void Communicator::destroy() {
+  if (comm_ == nullptr) return;
+  DeviceGuard guard(device_);
+  ncclResult_t r = ncclCommFinalize(comm_);
+  if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommFinalize", r);
+  wait_ready("ncclCommFinalize");
+  r = ncclCommDestroy(comm_);
+  comm_ = nullptr;
+  if (r != ncclSuccess) throw NcclError(nccl_message("ncclCommDestroy", describe(), r, nullptr), r);
+}
+
+void Communicator::abort() noexcept {
+  if (comm_ == nullptr) return;
+  int previous = 0;
+  bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
+  (void)cudaSetDevice(device_);
+  (void)ncclCommAbort(comm_);
+  comm_ = nullptr;
+  if (have_previous) (void)cudaSetDevice(previous);
+}
+
+CommStats Communicator::stats() const {
+  CommStats s;
+  for (int k = 0; k < kNumCollectiveKinds; ++k) {
+    s.calls[k] = calls_[k].load(std::memory_order_relaxed);
+    s.bytes[k] = bytes_[k].load(std::memory_order_relaxed);
+  }
+  return s;
+}
+
+void Communicator::reset_stats() {
+  for (int k = 0; k < kNumCollectiveKinds; ++k) {
+    calls_[k].store(0, std::memory_order_relaxed);
+    bytes_[k].store(0, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace tpext::core

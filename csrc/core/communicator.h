@@ -1,0 +1,127 @@
+// The NCCL communicator of one rank: the ncclComm_t, a dedicated communication stream and the
+// events that fence it against the caller's stream. Every collective is ordered on the caller's
+// stream: it starts after the caller's earlier work and the caller's later work waits for it, with
+// no host synchronisation. Communicators are non-blocking (ncclConfig.blocking = 0) so that a
+// deadline can abort one that waits on a dead or diverging peer instead of hanging.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "collective.h"
+
+namespace tpext::core {
+
+using UniqueId = std::array<char, NCCL_UNIQUE_ID_BYTES>;
+
+// Created once by one rank and handed to the others out of band (the Python layer uses a c10d
+// Store).
+UniqueId make_unique_id();
+
+// NCCL's version of the library loaded at run time, as NCCL_VERSION_CODE encodes it.
+int nccl_runtime_version();
+
+struct CommOptions {
+  std::string name = "world";  // appears in every error message
+  double timeout_s = 600.0;    // deadline for init, split, and any call NCCL reports in progress
+  // NCCL defaults when negative. Fewer CTAs leave SMs to GEMMs that overlap the collective.
+  int min_ctas = -1;
+  int max_ctas = -1;
+  int cga_cluster_size = -1;
+  bool high_priority_stream = true;  // so the collective's kernels are not queued behind GEMM tiles
+};
+
+struct CommStats {
+  std::array<uint64_t, kNumCollectiveKinds> calls{};
+  std::array<uint64_t, kNumCollectiveKinds> bytes{};
+};
+
+class Communicator {
+ public:
+  static constexpr int kNoColor = NCCL_SPLIT_NOCOLOR;
+
+  // One rank of a communicator of `size` ranks on `device`. Blocks until every rank has joined or
+  // opts.timeout_s has passed (then the half-built communicator is aborted and Timeout thrown).
+  static std::unique_ptr<Communicator> create(const UniqueId& id, int rank, int size, int device,
+                                              const CommOptions& opts = {});
+
+  // One communicator per device in `devices`, all driven by this process and thread (rank i on
+  // devices[i]). Collectives on them must then go through run_grouped.
+  static std::vector<std::unique_ptr<Communicator>> create_local(const std::vector<int>& devices,
+                                                                 const CommOptions& opts = {});
+
+  ~Communicator();  // destroys if still alive; never throws
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  // Collective over this communicator: ranks with the same color form a new communicator, ordered
+  // by key. Returns nullptr for kNoColor.
+  std::unique_ptr<Communicator> split(int color, int key, const CommOptions& opts);
+
+  void all_reduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op,
+                  cudaStream_t caller);
+  void all_gather(const void* send, void* recv, size_t send_count, DataType dtype, cudaStream_t caller);
+  void reduce_scatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
+                      cudaStream_t caller);
+  void broadcast(const void* send, void* recv, size_t count, DataType dtype, int root, cudaStream_t caller);
+  void run(const Collective& c, cudaStream_t caller);
+
+  // Several communicators of this process (one per GPU) in one NCCL group; collectives[i] runs on
+  // comms[i], ordered on callers[i].
+  static void run_grouped(const std::vector<Communicator*>& comms, const std::vector<Collective>& collectives,
+                          const std::vector<cudaStream_t>& callers);
+
+  // The building blocks of run(), public for the fused ops that interleave their own GEMMs with
+  // collectives: fence_in makes the comm stream wait for the caller's work so far; enqueue puts a
+  // collective on the comm stream (validated, counted, no fences); fence_out makes the caller wait
+  // for everything enqueued so far on the comm stream.
+  void fence_in(cudaStream_t caller);
+  void enqueue(const Collective& c);
+  void fence_out(cudaStream_t caller);
+  cudaStream_t stream() const { return stream_; }
+
+  // Finalize (flushes outstanding work) then destroy. Idempotent. If finalizing does not complete
+  // within the timeout the communicator is aborted and Timeout thrown.
+  void destroy();
+  // Abort without waiting for peers; for error paths. Idempotent, never throws.
+  void abort() noexcept;
+  bool alive() const { return comm_ != nullptr; }
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int device() const { return device_; }
+  const std::string& name() const { return opts_.name; }
+  const CommOptions& options() const { return opts_; }
+  std::string describe() const;  // "communicator 'tp' (rank 1 of 2, cuda:1)"
+
+  CommStats stats() const;
+  void reset_stats();
+
+ private:
+  Communicator(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts);
+  void require_alive(const char* what) const;
+  // Polls ncclCommGetAsyncError until the communicator leaves ncclInProgress; aborts and throws on
+  // error or when the deadline passes.
+  void wait_ready(const char* what);
+  [[noreturn]] void fail(const char* what, ncclResult_t result);
+
+  ncclComm_t comm_ = nullptr;
+  int rank_;
+  int size_;
+  int device_;
+  CommOptions opts_;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t caller_ready_ = nullptr;  // recorded on the caller's stream by fence_in
+  cudaEvent_t comm_done_ = nullptr;     // recorded on the comm stream by fence_out
+  std::array<std::atomic<uint64_t>, kNumCollectiveKinds> calls_{};
+  std::array<std::atomic<uint64_t>, kNumCollectiveKinds> bytes_{};
+};
+
+}  // namespace tpext::core

@@ -1,0 +1,220 @@
+"""tpext.init / tpext.destroy: process bootstrap under torchrun, and the TP / DP groups.
+
+Ranks are laid out as Megatron does: TP groups of `tp_size` consecutive ranks (inside a node, where
+NVLink is), DP groups across them (rank r is in TP group r // tp_size and DP group r % tp_size).
+The NCCL world communicator is created from a unique id exchanged through the c10d Store; the TP
+and DP communicators are split from it (ncclCommSplit, no further exchange). A gloo process group
+per group serves CPU tensors.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .groups import Group
+
+_BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class _State:
+    world: Group
+    tp: Group
+    dp: Group
+    owns_default_pg: bool
+    gloo_groups: list
+    nccl_handles: list  # destroyed in this order: children before the world communicator
+
+
+_state: Optional[_State] = None
+_generation = 0  # how many times this process called init(); equal on every rank, keys the Store
+
+
+def _seconds(timeout: Union[float, int, datetime.timedelta]) -> float:
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"init: timeout: expected seconds (a number) or a datetime.timedelta, got {type(timeout).__name__}")
+    if not seconds > 0:
+        raise ValueError(f"init: timeout: expected a positive duration, got {seconds} s")
+    return seconds
+
+
+def _env_int(name: str, default: Optional[int]) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise RuntimeError(f"init: environment variable {name} is not set; launch with torchrun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"init: environment variable {name}: expected an integer, got {raw!r}") from None
+
+
+def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta] = 600.0,
+         backend: str = "auto") -> Group:
+    """Initialises tpext in this process and returns the TP group.
+
+    tp_size: ranks per tensor-parallel group; must divide the world size (default: all ranks).
+    timeout: seconds (or a timedelta) after which a communicator waiting for a missing or diverging
+        peer is aborted and an exception raised instead of hanging.
+    backend: "auto" (NCCL when CUDA is available, else gloo only), "nccl", or "gloo".
+
+    Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), alongside a
+    torch.distributed process group the caller already initialised, and in a plain single process.
+    """
+    global _state, _generation
+    if _state is not None:
+        raise RuntimeError("init: tpext is already initialised; call tpext.destroy() first")
+    if backend not in _BACKENDS:
+        raise ValueError(f"init: backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    timeout_s = _seconds(timeout)
+
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", rank)
+
+    if tp_size is None:
+        tp_size = world_size
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool):
+        raise TypeError(f"init: tp_size: expected an int, got {type(tp_size).__name__}")
+    if tp_size < 1 or world_size % tp_size != 0:
+        raise ValueError(f"init: tp_size: expected a positive divisor of the world size {world_size}, got {tp_size}")
+
+    use_nccl = backend == "nccl" or (backend == "auto" and torch.cuda.is_available())
+    device = None
+    if use_nccl:
+        if not torch.cuda.is_available():
+            raise RuntimeError("init: backend='nccl' needs CUDA, but torch.cuda.is_available() is False")
+        ndev = torch.cuda.device_count()
+        if not 0 <= local_rank < ndev:
+            raise ValueError(
+                f"init: LOCAL_RANK: expected a GPU index in [0, {ndev}) (this node has {ndev} visible GPUs), "
+                f"got {local_rank}; start at most {ndev} processes per node, or pass backend='gloo'")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+
+    td = datetime.timedelta(seconds=timeout_s)
+    owns_default_pg = False
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=td)
+        else:
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size, timeout=td)
+        owns_default_pg = True
+
+    # Every rank must create every group, in the same order (torch.distributed's rule).
+    gloo_groups = []
+    tp_gloo = dp_gloo = None
+    n_tp = world_size // tp_size
+    tp_ranks = list(range((rank // tp_size) * tp_size, (rank // tp_size + 1) * tp_size))
+    dp_ranks = list(range(rank % tp_size, world_size, tp_size))
+    for i in range(n_tp):
+        g = dist.new_group(list(range(i * tp_size, (i + 1) * tp_size)), backend="gloo", timeout=td)
+        gloo_groups.append(g)
+        if i == rank // tp_size:
+            tp_gloo = g
+    for j in range(tp_size):
+        g = dist.new_group(list(range(j, world_size, tp_size)), backend="gloo", timeout=td)
+        gloo_groups.append(g)
+        if j == rank % tp_size:
+            dp_gloo = g
+    world_gloo = dist.new_group(list(range(world_size)), backend="gloo", timeout=td)
+    gloo_groups.append(world_gloo)
+
+    handles = []
+    world_h = tp_h = dp_h = None
+    if use_nccl:
+        try:
+            world_h = _create_world_communicator(rank, world_size, device.index, timeout_s)
+            handles.append(world_h)
+            tp_h = _C.comm_split(world_h, rank // tp_size, rank % tp_size, "tp", timeout_s)
+            handles.insert(0, tp_h)
+            dp_h = _C.comm_split(world_h, rank % tp_size, rank // tp_size, "dp", timeout_s)
+            handles.insert(0, dp_h)
+        except BaseException:
+            for h in handles:
+                _C.comm_abort(h)
+            _destroy_gloo(gloo_groups, owns_default_pg)
+            raise
+    _generation += 1
+
+    _state = _State(
+        world=Group("world", list(range(world_size)), rank, world_gloo, world_h, device),
+        tp=Group("tp", tp_ranks, rank % tp_size, tp_gloo, tp_h, device),
+        dp=Group("dp", dp_ranks, rank // tp_size, dp_gloo, dp_h, device),
+        owns_default_pg=owns_default_pg,
+        gloo_groups=gloo_groups,
+        nccl_handles=handles,
+    )
+    return _state.tp
+
+
+def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float) -> int:
+    store = dist.distributed_c10d._get_default_store()
+    key = f"tpext/{_generation}/nccl_unique_id"
+    if rank == 0:
+        store.set(key, _C.unique_id())
+    uid = store.get(key)  # blocks until rank 0 has published it, up to the store's timeout
+    return _C.comm_create(uid, rank, world_size, device, "world", timeout_s)
+
+
+def _destroy_gloo(groups, owns_default_pg: bool) -> None:
+    if owns_default_pg:
+        dist.destroy_process_group()  # also destroys every group created from it
+        return
+    for g in groups:
+        dist.destroy_process_group(g)
+
+
+def destroy() -> None:
+    """Releases every communicator and group tpext created; tpext.init() works again afterwards.
+    A torch.distributed process group the caller created stays as it was."""
+    global _state
+    if _state is None:
+        return
+    state, _state = _state, None
+    for g in (state.tp, state.dp, state.world):
+        g._destroy()
+    errors = []
+    for h in state.nccl_handles:
+        try:
+            _C.comm_destroy(h)
+        except Exception as e:  # keep releasing the rest, then report
+            errors.append(e)
+    _destroy_gloo(state.gloo_groups, state.owns_default_pg)
+    if errors:
+        raise errors[0]
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def _require(what: str) -> _State:
+    if _state is None:
+        raise RuntimeError(f"{what}: tpext is not initialised; call tpext.init() first")
+    return _state
+
+
+def get_tp_group() -> Group:
+    """This rank's tensor-parallel group."""
+    return _require("get_tp_group").tp
+
+
+def get_dp_group() -> Group:
+    """This rank's data-parallel group (the ranks holding the same TP shard)."""
+    return _require("get_dp_group").dp
+
+
+def get_world_group() -> Group:
+    return _require("get_world_group").world
