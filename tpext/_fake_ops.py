@@ -36,3 +36,36 @@ def _all_reduce_inplace_fake(self, comm, op):
 @torch.library.register_fake("tpext::broadcast_")
 def _broadcast_inplace_fake(self, comm, root):
     return self
+
+
+def _with_last(t, last):
+    return list(t.shape[:-1]) + [last]
+
+
+@torch.library.register_fake("tpext::linear")
+def _linear_fake(input, weight, bias, activation):
+    out = input.new_empty(_with_last(input, weight.shape[0]))
+    pre = input.new_empty(_with_last(input, weight.shape[0])) if activation == "gelu" else input.new_empty(0)
+    return out, pre
+
+
+def _backward_fake(grad_out, input, weight, bias_grad, need_input_grad, need_weight_grad):
+    dx = torch.empty_like(input) if need_input_grad else input.new_empty(0)
+    dw = torch.empty_like(weight) if need_weight_grad else input.new_empty(0)
+    db = input.new_empty(weight.shape[0]) if bias_grad else input.new_empty(0)
+    return dx, dw, db
+
+
+@torch.library.register_fake("tpext::linear_backward")
+def _linear_backward_fake(grad_out, input, weight, bias_grad, need_input_grad, need_weight_grad):
+    return _backward_fake(grad_out, input, weight, bias_grad, need_input_grad, need_weight_grad)
+
+
+@torch.library.register_fake("tpext::column_parallel_backward")
+def _column_parallel_backward_fake(grad_out, input, weight, bias_grad, need_weight_grad, comm):
+    return _backward_fake(grad_out, input, weight, bias_grad, True, need_weight_grad)
+
+
+@torch.library.register_fake("tpext::row_parallel_linear")
+def _row_parallel_linear_fake(input, weight, bias, comm, chunks):
+    return input.new_empty(_with_last(input, weight.shape[0]))

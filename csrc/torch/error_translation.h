@@ -7,9 +7,9 @@
 
 #include "core/error.h"
 
-#define TPEXT_TRANSLATE_ERRORS(body)                                  \
+#define TPEXT_TRANSLATE_ERRORS(...)                                   \
   try {                                                               \
-    body;                                                             \
+    __VA_ARGS__;                                                           \
   } catch (const ::tpext::core::InvalidArgument& e_) {                \
     TORCH_CHECK_VALUE(false, e_.what());                              \
   } catch (const ::tpext::core::Error& e_) {                          \

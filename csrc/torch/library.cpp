@@ -10,3 +10,14 @@ TORCH_LIBRARY(tpext, m) {
   m.def("reduce_scatter(Tensor input, int comm, str op, int dim) -> Tensor");
   m.def("broadcast_(Tensor(a!) self, int comm, int root) -> Tensor(a!)");
 }
+
+// The tensor-parallel linear layers (csrc/torch/linear_ops.cpp). Empty tensors (numel 0) stand
+// for outputs that were not asked for.
+TORCH_LIBRARY_FRAGMENT(tpext, m) {
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
+  m.def("linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, bool need_input_grad, "
+        "bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("column_parallel_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, "
+        "bool need_weight_grad, int comm) -> (Tensor, Tensor, Tensor)");
+  m.def("row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, int comm, int chunks) -> Tensor");
+}

@@ -1,0 +1,155 @@
+#include "tp_linear.h"
+
+#include <algorithm>
+#include <string>
+
+#include "device_guard.h"
+#include "error.h"
+
+namespace tpext::core {
+namespace {
+
+const char* offset(const void* p, int64_t elems, DataType dt) {
+  return static_cast<const char*>(p) + elems * static_cast<int64_t>(element_size(dt));
+}
+char* offset(void* p, int64_t elems, DataType dt) {
+  return static_cast<char*>(p) + elems * static_cast<int64_t>(element_size(dt));
+}
+
+void check_gemm_dtype(DataType dt, bool allow_tf32, const char* where) {
+  if (dt != DataType::kFloat32 && dt != DataType::kBFloat16 && dt != DataType::kFloat16)
+    throw_invalid_argument(std::string(where) + ": dtype: expected float32, bfloat16 or float16, got " + dtype_name(dt));
+  if (allow_tf32 && dt != DataType::kFloat32)
+    throw_invalid_argument(std::string(where) + ": allow_tf32: only meaningful for float32, got " + dtype_name(dt));
+}
+
+void check_sizes(int64_t m, int64_t n, int64_t k, const char* where) {
+  if (m < 0 || n < 0 || k < 0)
+    throw_invalid_argument(std::string(where) + ": sizes: expected m, n, k >= 0, got m=" + std::to_string(m) +
+                           " n=" + std::to_string(n) + " k=" + std::to_string(k));
+}
+
+}  // namespace
+
+void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end) {
+  const int64_t per = ((m + chunks - 1) / chunks + 7) / 8 * 8;
+  *begin = std::min<int64_t>(m, per * i);
+  *end = std::min<int64_t>(m, per * (i + 1));
+}
+
+int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size) {
+  if (world_size <= 1) return 1;
+  const int64_t bytes = m * n * static_cast<int64_t>(element_size(dtype));
+  // Below ~8 MiB NCCL's all-reduce is mostly latency: a single piece is cheapest.
+  if (bytes < (int64_t{8} << 20)) return 1;
+  int chunks = bytes < (int64_t{64} << 20) ? 2 : 4;
+  while (chunks > 1 && m / chunks < 128) --chunks;
+  return chunks;
+}
+
+void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Workspace ws, cudaStream_t caller) {
+  const char* where = "row_parallel_forward";
+  check_sizes(a.m, a.n, a.k, where);
+  check_gemm_dtype(a.dtype, a.allow_tf32, where);
+  if (a.chunks < 0) throw_invalid_argument("row_parallel_forward: chunks: expected >= 0 (0 = automatic), got " + std::to_string(a.chunks));
+  if (a.m == 0 || a.n == 0) return;
+  if (a.y == nullptr || (a.k > 0 && (a.x == nullptr || a.w == nullptr)))
+    throw_invalid_argument("row_parallel_forward: x, w, y: expected device pointers, got null");
+  int chunks = a.chunks == 0 ? choose_row_chunks(a.m, a.n, a.dtype, comm.size()) : a.chunks;
+  chunks = static_cast<int>(std::min<int64_t>(chunks, (a.m + 7) / 8));  // pieces of >= 8 rows
+  chunks = std::max(chunks, 1);
+  const bool with_bias = a.bias != nullptr && comm.rank() == 0;
+
+  DeviceGuard guard(comm.device());
+  for (int i = 0; i < chunks; ++i) {
+    int64_t r0 = 0, r1 = 0;
+    chunk_rows(a.m, chunks, i, &r0, &r1);
+    if (r1 <= r0) continue;
+    MatmulDesc d;
+    d.m = r1 - r0;
+    d.n = a.n;
+    d.k = a.k;
+    d.trans_b = true;
+    d.dtype = a.dtype;
+    d.allow_tf32 = a.allow_tf32;
+    d.epilogue = with_bias ? Epilogue::kBias : Epilogue::kNone;
+    MatmulPointers p;
+    p.a = offset(a.x, r0 * a.k, a.dtype);
+    p.b = a.w;
+    p.d = offset(a.y, r0 * a.n, a.dtype);
+    p.bias = with_bias ? a.bias : nullptr;
+    if (a.k == 0 && with_bias) {
+      // The empty product is zero; the bias alone is y on rank 0. Copy it row by row? Rather than
+      // a kernel of our own, reject: a row-parallel layer with an empty shard on rank 0 is a
+      // configuration error (more ranks than input features).
+      throw_invalid_argument("row_parallel_forward: k: rank 0 holds an empty input shard (k == 0) but must add the bias; "
+                             "use fewer ranks than input features");
+    }
+    matmul(d, p, ws.ptr, ws.bytes, caller);
+    comm.fence_in(caller);
+    Collective c;
+    c.kind = CollectiveKind::kAllReduce;
+    c.send = p.d;
+    c.recv = p.d;
+    c.count = static_cast<size_t>((r1 - r0) * a.n);
+    c.dtype = a.dtype;
+    comm.enqueue(c);
+  }
+  comm.fence_out(caller);
+}
+
+void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, cudaStream_t caller) {
+  const char* where = comm ? "column_parallel_backward" : "linear_backward";
+  check_sizes(a.m, a.n, a.k, where);
+  check_gemm_dtype(a.dtype, a.allow_tf32, where);
+  if (a.db != nullptr && a.dw == nullptr)
+    throw_invalid_argument(std::string(where) + ": db: the bias gradient rides on the weight-gradient GEMM; pass dw too");
+  std::unique_ptr<DeviceGuard> guard;
+  if (comm) guard = std::make_unique<DeviceGuard>(comm->device());
+
+  // dgrad first, so its all-reduce can start while wgrad runs.
+  if (a.dx != nullptr && a.m > 0 && a.k > 0) {
+    MatmulDesc d;
+    d.m = a.m;
+    d.n = a.k;
+    d.k = a.n;
+    d.dtype = a.dtype;
+    d.allow_tf32 = a.allow_tf32;
+    MatmulPointers p;
+    p.a = a.dy;  // [m, n]
+    p.b = a.w;   // [n, k]
+    p.d = a.dx;
+    matmul(d, p, ws.ptr, ws.bytes, caller);
+    if (comm != nullptr) {
+      comm->fence_in(caller);
+      Collective c;
+      c.kind = CollectiveKind::kAllReduce;
+      c.send = a.dx;
+      c.recv = a.dx;
+      c.count = static_cast<size_t>(a.m * a.k);
+      c.dtype = a.dtype;
+      comm->enqueue(c);
+    }
+  }
+  if (a.dw != nullptr && a.n > 0 && a.k > 0) {
+    MatmulDesc d;
+    d.m = a.n;
+    d.n = a.k;
+    d.k = a.m;
+    d.trans_a = true;  // dy stored [m, n]; op(A) = dy^T [n, m]
+    d.dtype = a.dtype;
+    d.allow_tf32 = a.allow_tf32;
+    d.epilogue = a.db != nullptr ? Epilogue::kBgrad : Epilogue::kNone;
+    MatmulPointers p;
+    p.a = a.dy;
+    p.b = a.x;  // [m, k]
+    p.d = a.dw;
+    p.bgrad = a.db;
+    // The dgrad all-reduce still runs on the comm stream; wgrad writes other memory, so sharing
+    // the workspace with the dgrad GEMM (same caller stream, finished) is safe.
+    matmul(d, p, ws.ptr, ws.bytes, caller);
+  }
+  if (comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0) comm->fence_out(caller);
+}
+
+}  // namespace tpext::core
