@@ -1,0 +1,85 @@
+#include "gemm.h"
+
+#include <memory>
+
+#include "error.h"
+#include "gemm_cache.h"
+#include "gemm_check.h"
+#include "gemm_plan.h"
+
+namespace tpext::core {
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+// Takes the desc rather than a message so that the description is formatted only on failure.
+void check_cuda_for(cudaError_t result, const char* call, const MatmulDesc& desc) {
+  if (result != cudaSuccess) throw_cuda_error(result, call, describe(desc));
+}
+
+// k == 0: op(A)·op(B) is the empty sum, 0. cuBLASLt does not take k = 0, and the outputs are
+// all zeros (gelu(0) = 0, 0 · gelu'(aux) = 0, empty bias sums = 0), which cudaMemset writes:
+// zero bytes are +0.0 in float32, bfloat16 and float16 alike.
+void write_empty_product(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t stream) {
+  const size_t es = element_size(d.dtype);
+  const size_t row_bytes = static_cast<size_t>(d.n) * es;
+  const size_t rows = static_cast<size_t>(d.m);
+  if (!d.accumulate) {
+    check_cuda_for(
+        cudaMemset2DAsync(p.d, static_cast<size_t>(d.ldd) * es, 0, row_bytes, rows, stream),
+        "cudaMemset2DAsync(d)", d);
+  }
+  if (epilogue_writes_aux(d.epilogue)) {
+    check_cuda_for(
+        cudaMemset2DAsync(p.aux, static_cast<size_t>(d.ldaux) * es, 0, row_bytes, rows, stream),
+        "cudaMemset2DAsync(aux)", d);
+  }
+  if (epilogue_writes_bgrad(d.epilogue)) {
+    check_cuda_for(
+        cudaMemsetAsync(p.bgrad, 0, static_cast<size_t>(bgrad_length(d)) * es, stream),
+        "cudaMemsetAsync(bgrad)", d);
+  }
+}
+
+}  // namespace
+
+void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
+            size_t workspace_bytes, cudaStream_t stream) {
+  validate_matmul(desc, ptrs, workspace, workspace_bytes);
+  if (desc.m == 0 || desc.n == 0) return;
+  const MatmulDesc d = with_resolved_leading_dims(desc);
+  if (d.k == 0) {
+    write_empty_product(d, ptrs, stream);
+    return;
+  }
+  int device = -1;
+  check_cuda_for(cudaGetDevice(&device), "cudaGetDevice", d);
+  const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes);
+  std::shared_ptr<MatmulPlan> plan = find_plan(key);
+  if (!plan) {
+    // Built outside the cache lock: a heuristic query must not stall other threads' lookups.
+    // A plan that fails to build throws here and leaves nothing cached.
+    plan = insert_plan(key, std::make_shared<MatmulPlan>(cublaslt_handle(device), d, ptrs,
+                                                         workspace_bytes));
+  }
+  plan->run(ptrs, workspace, workspace_bytes, stream);
+}
+
+size_t matmul_workspace_bytes(int compute_capability_major) {
+  return compute_capability_major >= 9 ? 32 * kMiB : 4 * kMiB;
+}
+
+size_t matmul_workspace_bytes() {
+  int device = 0;
+  int major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // no usable device: answered with the default, not an error
+    return matmul_workspace_bytes(0);
+  }
+  return matmul_workspace_bytes(major);
+}
+
+size_t matmul_cache_size() { return plan_cache_size(); }
+
+}  // namespace tpext::core

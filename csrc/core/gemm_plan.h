@@ -1,0 +1,66 @@
+// One GEMM problem turned into cuBLASLt objects: the operation descriptor, the matrix layouts
+// and the algorithm the heuristic picked for them. Built once per problem (see gemm_cache.h)
+// and then run with each call's pointers. Not public API.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <cublasLt.h>
+
+#include "gemm.h"
+
+namespace tpext::core {
+
+// The cuBLASLt handle of `device` (which must be the current device), created on first use and
+// kept for the life of the process. One handle serves every thread: cuBLAS handles may be
+// shared between threads as long as nobody changes their configuration, and a cuBLASLt handle
+// has none (stream, workspace and math mode all travel with each call).
+cublasLtHandle_t cublaslt_handle(int device);
+
+// Largest power of two dividing the address, capped at 16 (the widest vector access a kernel
+// needs); 0 for null. What cuBLASLt's heuristic needs to know about a pointer.
+uint8_t alignment_class(const void* p);
+
+struct CublasLtDeleter {
+  void operator()(cublasLtMatmulDescOpaque_t* p) const;
+  void operator()(cublasLtMatrixLayoutOpaque_t* p) const;
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const;
+};
+
+class MatmulPlan {
+ public:
+  // `desc` has resolved leading dimensions and has been validated, with m, n, k > 0. `ptrs` are
+  // the first call's: the heuristic reads the alignment of every pointer, bias and aux included.
+  MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
+             size_t workspace_bytes);
+  MatmulPlan(const MatmulPlan&) = delete;
+  MatmulPlan& operator=(const MatmulPlan&) = delete;
+
+  // Enqueues the GEMM on `stream` with this call's pointers (same alignment classes as the
+  // first call's, which the cache key guarantees). Safe to call from several threads.
+  void run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
+           cudaStream_t stream);
+
+ private:
+  void set_epilogue_pointers(const MatmulPointers& ptrs);
+
+  cublasLtHandle_t handle_;
+  MatmulDesc desc_;
+  std::string what_;  // describe(desc_), formatted once for the error messages of run()
+  std::unique_ptr<cublasLtMatmulDescOpaque_t, CublasLtDeleter> op_;
+  // In cuBLASLt's column-major terms: its A is our B, its B is our A (see gemm_plan.cpp).
+  std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_cublas_a_;
+  std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_cublas_b_;
+  std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_d_;
+  cublasLtMatmulAlgo_t algo_{};
+  // The bias/aux pointers live in op_, so setting them and enqueueing must not interleave
+  // between threads. cublasLtMatmul reads the descriptor during the call only, so the lock is
+  // held for the enqueue, never for the GPU work.
+  std::mutex mu_;
+};
+
+}  // namespace tpext::core
