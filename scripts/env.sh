@@ -4,7 +4,8 @@
 #   offline GPU box, where nothing may be downloaded. TPEXT_PYTHON forces a choice.
 # - Otherwise a virtual environment .venv is created with torch==2.14.1 (the CUDA 13.0 build),
 #   pybind11, ninja, pytest and numpy.
-# Then tpext is built in place (pip install --no-build-isolation --no-deps -e .).
+# Then tpext is built in place (setup.py build_ext --inplace: no pip, no network, no build
+# isolation, which the offline box needs) and the checkout put on PYTHONPATH.
 set -euo pipefail
 
 TPEXT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,7 +47,9 @@ ninja_bin=$("$PY" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja
 [ -n "$ninja_bin" ] && [ -x "$ninja_bin" ] && export PATH="$(dirname "$ninja_bin"):$PATH"
 echo "[tpext] python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'))"
 
+export PYTHONPATH="$TPEXT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
 tpext_build() {
   echo "[tpext] building tpext._C"
-  (cd "$TPEXT_ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . )
+  (cd "$TPEXT_ROOT" && "$PY" setup.py -q build_ext --inplace)
 }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One batched run on a lent GPU box: build, C++ suite, Python suite, demo, benchmarks. Logs go to
+# $OUT (or ./out) so they come back even when a step fails. Usage:
+#   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [bench-mlp] ...   (default: all)
+set -uo pipefail
+OUT=${OUT:-$(pwd)/out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests demo bench-allreduce bench-mlp)
+has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+source scripts/env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
+nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+start=$(date +%s)
+stamp() { echo "[gpu_session] $1 at +$(( $(date +%s) - start )) s"; }
+
+tpext_build > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
+stamp "built"
+if has tests; then
+  if [ ! -f /usr/include/gtest/gtest.h ]; then echo "no gtest headers" | tee "$OUT/ctest.log"; fi
+  (cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" && cmake --build build/cmake &&
+    cd build/cmake && ctest --output-on-failure) > "$OUT/ctest.log" 2>&1
+  echo "ctest rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -5
+  grep -cE "^\[  SKIPPED \]" "$OUT/ctest.log" | sed 's/^/gtest skipped lines: /'
+  stamp "ctest done"
+  "$PY" -m pytest -q -rs tests -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; tail -3 "$OUT/pytest.log"; grep -E "^SKIPPED" "$OUT/pytest.log" | head -20
+  stamp "pytest done"
+fi
+if has demo; then
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" -m tpext > "$OUT/demo.log" 2>&1
+  echo "demo rc=$?"; tail -30 "$OUT/demo.log"
+  stamp "demo done"
+fi
+if has bench-allreduce && [ "$ngpu" -ge 2 ]; then
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/allreduce.py --out "$OUT/allreduce.json" > "$OUT/bench_allreduce.log" 2>&1
+  echo "bench allreduce rc=$?"; tail -25 "$OUT/bench_allreduce.log"
+  stamp "bench allreduce done"
+fi
+if has bench-mlp && [ -f bench/mlp.py ]; then
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/mlp.py --out "$OUT/mlp.json" > "$OUT/bench_mlp.log" 2>&1
+  echo "bench mlp rc=$?"; tail -25 "$OUT/bench_mlp.log"
+  stamp "bench mlp done"
+fi
