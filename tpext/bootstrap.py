@@ -118,18 +118,22 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     n_tp = world_size // tp_size
     tp_ranks = list(range((rank // tp_size) * tp_size, (rank // tp_size + 1) * tp_size))
     dp_ranks = list(range(rank % tp_size, world_size, tp_size))
-    for i in range(n_tp):
-        g = dist.new_group(list(range(i * tp_size, (i + 1) * tp_size)), backend="gloo", timeout=td)
-        gloo_groups.append(g)
-        if i == rank // tp_size:
-            tp_gloo = g
-    for j in range(tp_size):
-        g = dist.new_group(list(range(j, world_size, tp_size)), backend="gloo", timeout=td)
-        gloo_groups.append(g)
-        if j == rank % tp_size:
-            dp_gloo = g
-    world_gloo = dist.new_group(list(range(world_size)), backend="gloo", timeout=td)
-    gloo_groups.append(world_gloo)
+    try:
+        for i in range(n_tp):
+            g = dist.new_group(list(range(i * tp_size, (i + 1) * tp_size)), backend="gloo", timeout=td)
+            gloo_groups.append(g)
+            if i == rank // tp_size:
+                tp_gloo = g
+        for j in range(tp_size):
+            g = dist.new_group(list(range(j, world_size, tp_size)), backend="gloo", timeout=td)
+            gloo_groups.append(g)
+            if j == rank % tp_size:
+                dp_gloo = g
+        world_gloo = dist.new_group(list(range(world_size)), backend="gloo", timeout=td)
+        gloo_groups.append(world_gloo)
+    except BaseException:
+        _destroy_gloo(gloo_groups, owns_default_pg)
+        raise
 
     handles = []
     world_h = tp_h = dp_h = None
@@ -178,7 +182,10 @@ def _destroy_gloo(groups, owns_default_pg: bool) -> None:
 
 def destroy() -> None:
     """Releases every communicator and group tpext created; tpext.init() works again afterwards.
-    A torch.distributed process group the caller created stays as it was."""
+
+    A default torch.distributed process group the caller created stays as it was. When tpext
+    created the default group itself (no process group existed at init), it is destroyed here,
+    and with it every group created from it, tpext's or not."""
     global _state
     if _state is None:
         return

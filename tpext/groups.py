@@ -34,7 +34,8 @@ class Group:
         self.ranks = list(ranks)
         self.rank = rank
         self.size = len(ranks)
-        self.device = device
+        # Where this group's tensors live: the NCCL device, else the CPU (gloo).
+        self.device = device if device is not None else torch.device("cpu")
         self._gloo = gloo
         self._nccl = nccl
         self._alive = True
