@@ -20,10 +20,14 @@ void validate(const Collective& c, int comm_size, const std::string& where) {
   const std::string prefix = std::string(collective_name(c.kind)) + " on " + where + ": ";
   // Throws for an unknown dtype value.
   const size_t elem = element_size(c.dtype);
+  if (comm_size <= 0)
+    throw_invalid_argument(prefix + "size: expected a communicator of at least one rank, got " + std::to_string(comm_size));
   const bool scaled = c.kind == CollectiveKind::kAllGather || c.kind == CollectiveKind::kReduceScatter;
-  if (scaled && c.count > std::numeric_limits<size_t>::max() / elem / static_cast<size_t>(comm_size))
-    throw_invalid_argument(prefix + "count: " + std::to_string(c.count) + " elements times " +
-                           std::to_string(comm_size) + " ranks overflows size_t");
+  const size_t ranks = scaled ? static_cast<size_t>(comm_size) : 1;
+  if (c.count > std::numeric_limits<size_t>::max() / elem / ranks)
+    throw_invalid_argument(prefix + "count: " + std::to_string(c.count) + " elements" +
+                           (scaled ? " times " + std::to_string(comm_size) + " ranks" : std::string()) +
+                           " overflows size_t bytes");
   if (c.count > 0) {
     if (c.send == nullptr) throw_invalid_argument(prefix + "send: expected a device pointer, got null");
     if (c.recv == nullptr) throw_invalid_argument(prefix + "recv: expected a device pointer, got null");

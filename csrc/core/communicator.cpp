@@ -67,6 +67,8 @@ void wait_init(ncclComm_t comm, Clock::time_point deadline, const char* what, co
 }
 
 void check_device(int device, const char* field) {
+  if (device < 0)
+    throw_invalid_argument(std::string(field) + ": expected a CUDA device index >= 0, got " + std::to_string(device));
   int count = 0;
   TPEXT_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count)
@@ -146,17 +148,27 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std:
     DeviceGuard guard(devices[0]);
     ncclResult_t r = ncclGroupStart();
     if (r != ncclSuccess) throw NcclError(nccl_message("ncclGroupStart", "create_local", r, nullptr), r);
-    for (int i = 0; i < n; ++i) {
-      TPEXT_CUDA_CHECK(cudaSetDevice(devices[i]));
-      r = ncclCommInitRankConfig(&comms[i], n, nid, i, &cfg);
-      if (r != ncclSuccess && r != ncclInProgress) {
-        ncclGroupEnd();
-        throw NcclError(nccl_message("ncclCommInitRankConfig", describe_rank(opts.name, i, n, devices[i]), r, comms[i]), r);
+    auto abort_started = [&comms] {
+      for (ncclComm_t& c : comms)
+        if (c != nullptr) (void)ncclCommAbort(c), c = nullptr;
+    };
+    try {
+      for (int i = 0; i < n; ++i) {
+        TPEXT_CUDA_CHECK(cudaSetDevice(devices[i]));
+        r = ncclCommInitRankConfig(&comms[i], n, nid, i, &cfg);
+        if (r != ncclSuccess && r != ncclInProgress)
+          throw NcclError(nccl_message("ncclCommInitRankConfig", describe_rank(opts.name, i, n, devices[i]), r, comms[i]), r);
       }
+    } catch (...) {
+      (void)ncclGroupEnd();  // never leave this thread inside an open NCCL group
+      abort_started();
+      throw;
     }
     r = ncclGroupEnd();
-    if (r != ncclSuccess && r != ncclInProgress)
+    if (r != ncclSuccess && r != ncclInProgress) {
+      abort_started();
       throw NcclError(nccl_message("ncclGroupEnd", "create_local", r, nullptr), r);
+    }
   }
   const auto deadline = deadline_after(opts.timeout_s);
   std::vector<std::unique_ptr<Communicator>> out;
@@ -237,7 +249,11 @@ std::unique_ptr<Communicator> Communicator::split(int color, int key, const Comm
   // The split is collective on the parent: wait for the parent to leave the in-progress state,
   // then for the child to finish its own init.
   wait_ready("ncclCommSplit");
-  if (color == kNoColor || child == nullptr) return nullptr;
+  if (color == kNoColor) return nullptr;
+  if (child == nullptr)
+    throw NcclError("tpext NCCL error in ncclCommSplit on " + describe() + ": color " + std::to_string(color) +
+                        " was requested but NCCL returned no communicator",
+                    ncclInternalError);
   int child_rank = 0, child_size = 0;
   wait_init(child, deadline_after(opts.timeout_s), "ncclCommSplit",
             "the child '" + opts.name + "' of " + describe());
@@ -339,6 +355,11 @@ void Communicator::run_grouped(const std::vector<Communicator*>& comms, const st
     DeviceGuard guard(comms[i]->device_);
     comms[i]->fence_in(callers[i]);
   }
+  // On any failure every communicator of the group is aborted: their peers are in this very
+  // group, so none of them can make progress alone.
+  auto abort_all = [&comms] {
+    for (Communicator* c : comms) c->abort();
+  };
   ncclResult_t r = ncclGroupStart();
   if (r != ncclSuccess) comms[0]->fail("ncclGroupStart", r);
   try {
@@ -347,13 +368,23 @@ void Communicator::run_grouped(const std::vector<Communicator*>& comms, const st
       comms[i]->enqueue(collectives[i]);
     }
   } catch (...) {
-    ncclGroupEnd();
+    (void)ncclGroupEnd();
+    abort_all();
     throw;
   }
   r = ncclGroupEnd();
-  if (r != ncclSuccess && r != ncclInProgress) comms[0]->fail("ncclGroupEnd", r);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    std::string msg = nccl_message("ncclGroupEnd", comms[0]->describe(), r, comms[0]->comm_);
+    abort_all();
+    throw NcclError(msg + ". Every communicator of the group was aborted.", r);
+  }
+  try {
+    for (Communicator* c : comms) c->wait_ready("ncclGroupEnd");
+  } catch (...) {
+    abort_all();
+    throw;
+  }
   for (size_t i = 0; i < comms.size(); ++i) {
-    comms[i]->wait_ready("ncclGroupEnd");
     DeviceGuard guard(comms[i]->device_);
     comms[i]->fence_out(callers[i]);
   }
