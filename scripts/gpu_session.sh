@@ -11,6 +11,7 @@ steps=("$@")
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 source scripts/env.sh
+set +e  # env.sh sets -e; here every step runs and reports, whatever the one before did
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
 nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
 ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())')

@@ -35,8 +35,10 @@ void validate(const Collective& c, int comm_size, const std::string& where) {
   if (c.kind == CollectiveKind::kBroadcast && (c.root < 0 || c.root >= comm_size))
     throw_invalid_argument(prefix + "root: expected a rank in [0, " + std::to_string(comm_size) + "), got " +
                            std::to_string(c.root));
-  if (c.kind == CollectiveKind::kAllReduce || c.kind == CollectiveKind::kReduceScatter)
-    (void)to_nccl(c.op, c.dtype);  // rejects avg on integers
+  if ((c.kind == CollectiveKind::kAllReduce || c.kind == CollectiveKind::kReduceScatter) && c.op == ReduceOp::kAvg &&
+      !is_floating(c.dtype))
+    // NCCL would divide in the integer type and silently truncate.
+    throw_invalid_argument(prefix + "op: 'avg' needs a floating-point dtype, got " + dtype_name(c.dtype));
 }
 
 size_t input_bytes(const Collective& c, int comm_size) {

@@ -289,6 +289,15 @@ void Communicator::enqueue(const Collective& c) {
   calls_[k].fetch_add(1, std::memory_order_relaxed);
   bytes_[k].fetch_add(input_bytes(c, size_), std::memory_order_relaxed);
   if (c.count == 0) return;
+  if (size_ == 1) {
+    // Every collective over one rank is a copy (or nothing, in place). NCCL 2.28.9's single-rank
+    // path left the tail of an out-of-place avg unwritten (seen on an H100: the last 1-3 elements
+    // past a multiple of 4096 came back as NaN), and a copy is cheaper than a kernel launch anyway.
+    if (c.send != c.recv)
+      TPEXT_CUDA_CHECK_CTX(cudaMemcpyAsync(c.recv, c.send, c.count * element_size(c.dtype), cudaMemcpyDeviceToDevice, stream_),
+                           describe());
+    return;
+  }
   ncclResult_t r = ncclSuccess;
   const ncclDataType_t dt = to_nccl(c.dtype);
   switch (c.kind) {
