@@ -4,6 +4,7 @@
 
 #include "device_guard.h"
 #include "error.h"
+#include "watchdog.h"
 
 namespace tpext::core {
 namespace {
@@ -103,6 +104,8 @@ Communicator::Communicator(ncclComm_t comm, int rank, int size, int device, cons
                                                 opts_.high_priority_stream ? greatest : least));
   TPEXT_CUDA_CHECK(cudaEventCreateWithFlags(&caller_ready_, cudaEventDisableTiming));
   TPEXT_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
+  TPEXT_CUDA_CHECK(cudaEventCreateWithFlags(&watch_event_, cudaEventDisableTiming));
+  Watchdog::instance().watch(this);
 }
 
 std::unique_ptr<Communicator> Communicator::create(const UniqueId& id, int rank, int size, int device,
@@ -187,17 +190,19 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std:
 }
 
 Communicator::~Communicator() {
+  Watchdog::instance().unwatch(this);
   try {
     destroy();
   } catch (...) {
     abort();
   }
-  if (stream_ != nullptr || caller_ready_ != nullptr || comm_done_ != nullptr) {
+  if (stream_ != nullptr || caller_ready_ != nullptr || comm_done_ != nullptr || watch_event_ != nullptr) {
     int previous = 0;
     bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
     (void)cudaSetDevice(device_);
     if (caller_ready_ != nullptr) (void)cudaEventDestroy(caller_ready_);
     if (comm_done_ != nullptr) (void)cudaEventDestroy(comm_done_);
+    if (watch_event_ != nullptr) (void)cudaEventDestroy(watch_event_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     if (have_previous) (void)cudaSetDevice(previous);
     (void)cudaGetLastError();
@@ -207,18 +212,25 @@ Communicator::~Communicator() {
 std::string Communicator::describe() const { return describe_rank(opts_.name, rank_, size_, device_); }
 
 void Communicator::require_alive(const char* what) const {
+  switch (failure_.load(std::memory_order_acquire)) {
+    case Failure::kTimeout: throw Timeout(std::string("tpext: ") + what + ": " + failure_message_);
+    case Failure::kNccl: throw NcclError(std::string("tpext: ") + what + ": " + failure_message_, failure_result_);
+    case Failure::kNone: break;
+  }
   if (comm_ == nullptr)
     throw Destroyed(std::string("tpext: ") + what + " on " + describe() +
                     ": the communicator was destroyed or aborted after an error; create it again");
 }
 
 void Communicator::fail(const char* what, ncclResult_t result) {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   std::string msg = nccl_message(what, describe(), result, comm_);
   abort();
   throw NcclError(msg + ". The communicator was aborted.", result);
 }
 
 void Communicator::wait_ready(const char* what) {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   const auto deadline = deadline_after(opts_.timeout_s);
   while (true) {
     ncclResult_t state = ncclSuccess;
@@ -237,6 +249,7 @@ void Communicator::wait_ready(const char* what) {
 }
 
 std::unique_ptr<Communicator> Communicator::split(int color, int key, const CommOptions& opts) {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   require_alive("split");
   if (color < 0 && color != kNoColor)
     throw_invalid_argument("color: expected a non-negative color or kNoColor, got " + std::to_string(color));
@@ -276,14 +289,74 @@ void Communicator::fence_in(cudaStream_t caller) {
 }
 
 void Communicator::fence_out(cudaStream_t caller) {
+  track(caller);
   if (caller == stream_) return;
   TPEXT_CUDA_CHECK_CTX(cudaEventRecord(comm_done_, stream_), describe());
   TPEXT_CUDA_CHECK_CTX(cudaStreamWaitEvent(caller, comm_done_, 0), describe());
 }
 
+void Communicator::track(cudaStream_t caller) {
+  (void)caller;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TPEXT_CUDA_CHECK_CTX(cudaStreamIsCapturing(stream_, &capture), describe());
+  // A captured collective runs at replay, outside anything the watchdog could time here.
+  if (capture != cudaStreamCaptureStatusNone) return;
+  std::lock_guard<std::mutex> lock(watch_mu_);
+  TPEXT_CUDA_CHECK_CTX(cudaEventRecord(watch_event_, stream_), describe());
+  if (!pending_) {
+    pending_ = true;
+    pending_since_ = std::chrono::steady_clock::now();
+    pending_what_ = last_what_;
+  }
+}
+
+void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
+  if (failure_.load(std::memory_order_acquire) != Failure::kNone) return;
+  std::unique_lock<std::recursive_mutex> nccl_lock(nccl_mu_, std::try_to_lock);
+  if (!nccl_lock.owns_lock() || comm_ == nullptr) return;
+  ncclResult_t state = ncclSuccess;
+  if (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state != ncclSuccess && state != ncclInProgress) {
+    failure_message_ = nccl_message("an earlier collective", describe(), state, comm_) +
+                       ". The watchdog aborted the communicator.";
+    failure_result_ = state;
+    failure_.store(Failure::kNccl, std::memory_order_release);
+    abort_locked();
+    return;
+  }
+  bool expired = false;
+  double age_s = 0;
+  std::string what;
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    if (!pending_) return;
+    int previous = -1;
+    (void)cudaGetDevice(&previous);
+    if (previous != device_) (void)cudaSetDevice(device_);  // never make a context on another GPU
+    const cudaError_t q = cudaEventQuery(watch_event_);
+    if (q == cudaSuccess) {
+      pending_ = false;
+    } else if (q == cudaErrorNotReady) {
+      age_s = std::chrono::duration<double>(now - pending_since_).count();
+      expired = age_s > opts_.timeout_s;
+      what = pending_what_;
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
+  if (!expired) return;
+  failure_message_ = std::string("tpext timeout: ") + what + " on " + describe() + " did not complete within the " +
+                     std::to_string(opts_.timeout_s) + " s timeout (enqueued " + std::to_string(age_s) +
+                     " s ago): a peer rank may have died, or the ranks called different collectives. The watchdog "
+                     "aborted the communicator.";
+  failure_.store(Failure::kTimeout, std::memory_order_release);
+  abort_locked();
+}
+
 void Communicator::enqueue(const Collective& c) {
   const char* what = collective_name(c.kind);
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   require_alive(what);
+  last_what_ = what;
   validate(c, size_, describe());
   const int k = static_cast<int>(c.kind);
   calls_[k].fetch_add(1, std::memory_order_relaxed);
@@ -400,6 +473,7 @@ void Communicator::run_grouped(const std::vector<Communicator*>& comms, const st
 }
 
 void Communicator::destroy() {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   if (comm_ == nullptr) return;
   DeviceGuard guard(device_);
   ncclResult_t r = ncclCommFinalize(comm_);
@@ -411,6 +485,11 @@ void Communicator::destroy() {
 }
 
 void Communicator::abort() noexcept {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
+  abort_locked();
+}
+
+void Communicator::abort_locked() noexcept {
   if (comm_ == nullptr) return;
   int previous = 0;
   bool have_previous = cudaGetDevice(&previous) == cudaSuccess;

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,11 @@ class Communicator {
   CommStats stats() const;
   void reset_stats();
 
+  // Called by the watchdog thread every poll: aborts the communicator when the oldest unfinished
+  // collective is older than the timeout or NCCL reports an asynchronous error. Never blocks on
+  // a caller's NCCL call in progress (tries again next poll).
+  void watchdog_poll(std::chrono::steady_clock::time_point now);
+
  private:
   Communicator(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts);
   void require_alive(const char* what) const;
@@ -111,6 +117,9 @@ class Communicator {
   // error or when the deadline passes.
   void wait_ready(const char* what);
   [[noreturn]] void fail(const char* what, ncclResult_t result);
+  // Marks everything enqueued so far on the comm stream for the watchdog (outside graph capture).
+  void track(cudaStream_t caller);
+  void abort_locked() noexcept;
 
   ncclComm_t comm_ = nullptr;
   int rank_;
@@ -120,6 +129,21 @@ class Communicator {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t caller_ready_ = nullptr;  // recorded on the caller's stream by fence_in
   cudaEvent_t comm_done_ = nullptr;     // recorded on the comm stream by fence_out
+  // Every NCCL call on comm_ holds nccl_mu_, so the watchdog's abort never races one.
+  mutable std::recursive_mutex nccl_mu_;
+  // Watchdog state, under watch_mu_: watch_event_ is recorded after each tracked collective; the
+  // oldest unfinished one was enqueued at pending_since_.
+  std::mutex watch_mu_;
+  cudaEvent_t watch_event_ = nullptr;
+  bool pending_ = false;
+  std::chrono::steady_clock::time_point pending_since_{};
+  std::string pending_what_;
+  // Set once by the watchdog; require_alive then throws it.
+  enum class Failure { kNone, kTimeout, kNccl };
+  std::atomic<Failure> failure_{Failure::kNone};
+  std::string failure_message_;
+  ncclResult_t failure_result_ = ncclSuccess;
+  const char* last_what_ = "collective";
   std::array<std::atomic<uint64_t>, kNumCollectiveKinds> calls_{};
   std::array<std::atomic<uint64_t>, kNumCollectiveKinds> bytes_{};
 };
