@@ -3,7 +3,7 @@
 # - A Python that already has torch (>= 2.11), pytest and ninja is used as it is: that is the
 #   offline GPU box, where nothing may be downloaded. TPEXT_PYTHON forces a choice.
 # - Otherwise a virtual environment .venv is created with torch==2.14.1 (the CUDA 13.0 build),
-#   pybind11, ninja, pytest and numpy.
+#   pybind11, ninja, pytest, numpy and transformers (only for model conversion and its tests).
 # Then tpext is built in place (setup.py build_ext --inplace: no pip, no network, no build
 # isolation, which the offline box needs) and the checkout put on PYTHONPATH.
 set -euo pipefail
@@ -37,9 +37,9 @@ else
   fi
   PY=$TPEXT_ROOT/.venv/bin/python
   if ! _has_stack "$PY"; then
-    echo "[tpext] installing torch==2.14.1, pybind11, ninja, pytest, numpy into .venv"
+    echo "[tpext] installing torch==2.14.1, pybind11, ninja, pytest, numpy, transformers into .venv"
     "$PY" -m pip install -q --upgrade pip setuptools wheel
-    "$PY" -m pip install -q torch==2.14.1 pybind11 ninja pytest numpy
+    "$PY" -m pip install -q torch==2.14.1 pybind11 ninja pytest numpy transformers
   fi
 fi
 export PATH="$(dirname "$PY"):$PATH"

@@ -30,12 +30,12 @@ def _reduce_scatter_fake(input, comm, op, dim):
 
 @torch.library.register_fake("tpext::all_reduce_")
 def _all_reduce_inplace_fake(self, comm, op):
-    return self
+    return None
 
 
 @torch.library.register_fake("tpext::broadcast_")
 def _broadcast_inplace_fake(self, comm, root):
-    return self
+    return None
 
 
 def _with_last(t, last):

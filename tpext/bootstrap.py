@@ -109,7 +109,10 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         else:
-            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size, timeout=td)
+            store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=td))
+            store.set_timeout(td)
+            store = dist.PrefixStore(f"tpext/{_generation}", store)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=td)
         owns_default_pg = True
 
     # Every rank must create every group, in the same order (torch.distributed's rule).

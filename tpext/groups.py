@@ -51,7 +51,8 @@ class Group:
         """Reduces `tensor` over the group in place and returns it."""
         self._check("all_reduce", tensor, op=op)
         if tensor.is_cuda:
-            return torch.ops.tpext.all_reduce_(tensor, self._nccl, op)
+            torch.ops.tpext.all_reduce_(tensor, self._nccl, op)
+            return tensor
         self._count("all_reduce", tensor.numel() * tensor.element_size())
         self._gloo_all_reduce(tensor, op)
         return tensor
@@ -89,7 +90,8 @@ class Group:
         if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < self.size:
             raise ValueError(f"broadcast: src: expected a group rank in [0, {self.size}), got {src!r}")
         if tensor.is_cuda:
-            return torch.ops.tpext.broadcast_(tensor, self._nccl, src)
+            torch.ops.tpext.broadcast_(tensor, self._nccl, src)
+            return tensor
         self._count("broadcast", tensor.numel() * tensor.element_size())
         dist.broadcast(tensor, src=self.ranks[src], group=self._gloo)
         return tensor

@@ -19,7 +19,7 @@ cudaStream_t current_stream(const core::Communicator& comm) {
   return at::cuda::getCurrentCUDAStream(comm.device()).stream();
 }
 
-at::Tensor& all_reduce_inplace_impl(at::Tensor& self, int64_t handle, const std::string& op) {
+void all_reduce_inplace_impl(at::Tensor& self, int64_t handle, const std::string& op) {
   TPEXT_TRANSLATE_ERRORS({
     auto comm = lookup_communicator(handle, "all_reduce_");
     check_collective_tensor(self, *comm, "all_reduce_", "self");
@@ -28,7 +28,6 @@ at::Tensor& all_reduce_inplace_impl(at::Tensor& self, int64_t handle, const std:
     comm->all_reduce(self.data_ptr(), self.data_ptr(), static_cast<size_t>(self.numel()),
                      to_core_dtype(self.scalar_type(), "all_reduce_", "self"), reduce, current_stream(*comm));
   });
-  return self;
 }
 
 at::Tensor all_reduce_impl(const at::Tensor& input, int64_t handle, const std::string& op) {
@@ -97,7 +96,7 @@ at::Tensor reduce_scatter_impl(const at::Tensor& input, int64_t handle, const st
   return out;
 }
 
-at::Tensor& broadcast_inplace_impl(at::Tensor& self, int64_t handle, int64_t root) {
+void broadcast_inplace_impl(at::Tensor& self, int64_t handle, int64_t root) {
   TPEXT_TRANSLATE_ERRORS({
     auto comm = lookup_communicator(handle, "broadcast_");
     check_collective_tensor(self, *comm, "broadcast_", "self");
@@ -109,7 +108,6 @@ at::Tensor& broadcast_inplace_impl(at::Tensor& self, int64_t handle, int64_t roo
                     to_core_dtype(self.scalar_type(), "broadcast_", "self"), static_cast<int>(root),
                     current_stream(*comm));
   });
-  return self;
 }
 
 [[noreturn]] void not_cuda(const char* op) {
@@ -127,12 +125,12 @@ TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(tpext, CPU, m) {
-  m.impl("all_reduce_", [](at::Tensor& self, int64_t, const std::string&) -> at::Tensor& { not_cuda("all_reduce_"); });
+  m.impl("all_reduce_", [](at::Tensor& self, int64_t, const std::string&) { not_cuda("all_reduce_"); });
   m.impl("all_reduce", [](const at::Tensor&, int64_t, const std::string&) -> at::Tensor { not_cuda("all_reduce"); });
   m.impl("all_gather", [](const at::Tensor&, int64_t, int64_t) -> at::Tensor { not_cuda("all_gather"); });
   m.impl("reduce_scatter",
          [](const at::Tensor&, int64_t, const std::string&, int64_t) -> at::Tensor { not_cuda("reduce_scatter"); });
-  m.impl("broadcast_", [](at::Tensor& self, int64_t, int64_t) -> at::Tensor& { not_cuda("broadcast_"); });
+  m.impl("broadcast_", [](at::Tensor& self, int64_t, int64_t) { not_cuda("broadcast_"); });
 }
 
 }  // namespace tpext::adapter

@@ -4,11 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tpext, m) {
-  m.def("all_reduce_(Tensor(a!) self, int comm, str op) -> Tensor(a!)");
+  m.def("all_reduce_(Tensor(a!) self, int comm, str op) -> ()");
   m.def("all_reduce(Tensor input, int comm, str op) -> Tensor");
   m.def("all_gather(Tensor input, int comm, int dim) -> Tensor");
   m.def("reduce_scatter(Tensor input, int comm, str op, int dim) -> Tensor");
-  m.def("broadcast_(Tensor(a!) self, int comm, int root) -> Tensor(a!)");
+  m.def("broadcast_(Tensor(a!) self, int comm, int root) -> ()");
 }
 
 // The tensor-parallel linear layers (csrc/torch/linear_ops.cpp). Empty tensors (numel 0) stand
