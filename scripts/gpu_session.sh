@@ -10,6 +10,11 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests demo bench-allreduce bench-mlp)
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
+# Wheels the box lacks (megatron-core for the peer bench) travel in .whl/ (see the device notes).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 source scripts/env.sh
 set +e  # env.sh sets -e; here every step runs and reports, whatever the one before did
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
@@ -42,7 +47,7 @@ if has bench-allreduce && [ "$ngpu" -ge 2 ]; then
   stamp "bench allreduce done"
 fi
 if has bench-mlp && [ -f bench/mlp.py ]; then
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/mlp.py --out "$OUT/mlp.json" > "$OUT/bench_mlp.log" 2>&1
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/mlp.py ${MLP_ARGS:-} --out "$OUT/mlp.json" > "$OUT/bench_mlp.log" 2>&1
   echo "bench mlp rc=$?"; tail -25 "$OUT/bench_mlp.log"
   stamp "bench mlp done"
 fi
