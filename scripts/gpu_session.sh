@@ -51,3 +51,6 @@ if has bench-mlp && [ -f bench/mlp.py ]; then
   echo "bench mlp rc=$?"; tail -25 "$OUT/bench_mlp.log"
   stamp "bench mlp done"
 fi
+# The device tool brings back at most 8 files: logs travel as one archive, results as themselves.
+(cd "$OUT" && ls *.log *.txt >/dev/null 2>&1 && tar czf logs.tgz *.log *.txt && rm -f *.log *.txt)
+ls -la "$OUT"
