@@ -1,0 +1,260 @@
+"""The TP layers on CUDA tensors, TP 1 and 2 (one process per GPU): the native ops path.
+
+The parity checks are test_layers.py's and test_mlp.py's, run on the GPU through NCCL: outputs
+and every gradient against the full nn.Linear / MLP in float64, the collective counts, the split
+recorded on the parameters. On top of them: the row-parallel forward gives the same result
+whatever its chunking, and ParallelMLP survives CUDA graph capture and torch.compile(fullgraph=True)
+with the results of eager mode and the same collectives.
+
+Every test skips, saying why, where fewer GPUs are visible. float32 runs with TF32 off (the
+reference is float64; TF32 would round the inputs to 10 mantissa bits).
+"""
+import os
+
+import pytest
+import torch
+
+import tpext
+from _dist import launch
+from _reference import seed_of
+from test_layers import (SIZES, assert_close_rel, assert_counts, check_fresh_init, check_layers,
+                         check_mappings, check_row, full_linear, full_tensor)
+from test_mlp import MLP_SIZES, check_mlp_fresh_init, check_mlps
+
+GPU_TIMEOUT_S = 300.0
+COMPILE_TIMEOUT_S = 480.0  # inductor compiles forward and backward graphs for two activations
+ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
+                    pytest.param(2, marks=pytest.mark.gpu(2), id="2gpu")]
+# Real GEMM shapes next to the tiny ones: uneven on TP 2 (201 = 101 + 100), rows not a multiple of 8.
+GPU_SIZES = SIZES + ((1, 1), (136, 201))
+GPU_MLP_SIZES = MLP_SIZES + ((136, 201),)
+
+
+def _init():
+    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    tp = tpext.init(tp_size=world, backend="nccl", timeout=120)
+    device = torch.device("cuda", local_rank)
+    assert tp.device == device and tp._nccl is not None, \
+        f"tpext.init gave {tp} on {tp.device}, expected NCCL on {device}"
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the native GEMMs (allowTF32CuBLAS) nor torch's
+    return tp, device, f"gpu/w{world}"
+
+
+# -- parity, counts, errors ----------------------------------------------------------------------
+
+
+def check_errors_on_gpu(group, device):
+    """Bad inputs on the native path raise naming the argument before anything is enqueued."""
+    col = tpext.ColumnParallelLinear(8, 6, group=group)
+    row = tpext.RowParallelLinear(6, 8, group=group)
+    assert col.weight.device == device, f"a fresh layer must live on the group's GPU, got {col.weight.device}"
+    shard = row.input_size_per_partition
+    cases = [
+        (col, torch.randn(2, 8, device=device, dtype=torch.float64), r"input: expected dtype torch.float32"),
+        (col, torch.randn(2, 8, device=device, dtype=torch.bfloat16), r"input: expected dtype torch.float32"),
+        (col, torch.randint(0, 4, (2, 8), device=device), r"input: expected dtype torch.float32"),
+        (col, torch.randn(2, 8), rf"input: expected a tensor on {device} \(where weight is\), got one on cpu"),
+        (col, torch.randn(2, 9, device=device), r"input: expected last dimension 8 \(in_features\)"),
+        (row, torch.randn(2, shard + 1, device=device), rf"input: expected last dimension {shard} \(this rank's shard"),
+        (col, torch.randn(8, 2, device=device).t(), r"input: expected a contiguous tensor"),
+        (row, torch.randn(shard, 2, device=device).t(), r"input: expected a contiguous tensor"),
+    ]
+    for layer, x, pattern in cases:
+        tpext.reset_stats()
+        with pytest.raises(ValueError, match=pattern):
+            layer(x)
+        assert all(v["calls"] == 0 for v in tpext.stats().values()), f"{pattern}: a collective ran before the error"
+    other = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+    if other != device:
+        with pytest.raises(ValueError, match=rf"device: expected {device} \(the GPU of"):
+            tpext.ColumnParallelLinear(8, 6, group=group, device=other)
+
+
+def check_row_chunks(group, device, tag, dtype):
+    """chunks=1..4 cut the row-parallel forward into that many all-reduces (300 rows: pieces of
+    8-row multiples, all non-empty) and give the output of chunks=1, within a rounding: the GEMM of
+    fewer rows may take another cuBLASLt algorithm."""
+    in_f, out_f, rows = 256, 384, 300
+    name = f"{tag}/chunks/{dtype}"
+    lin = full_linear(name, in_f, out_f, True, dtype)
+    x_full = full_tensor(f"{name}/x", (rows, in_f), dtype)
+    x = x_full.tensor_split(group.size, dim=-1)[group.rank].contiguous().to(device)
+    ref = torch.nn.functional.linear(x_full.double(), lin.weight.double(), lin.bias.double())
+    outs = {}
+    for chunks in (1, 2, 3, 4, 0):
+        layer = tpext.RowParallelLinear.from_linear(lin, group, chunks=chunks)
+        tpext.reset_stats()
+        with torch.no_grad():
+            outs[chunks] = layer(x)
+        if chunks:
+            assert_counts(group, {"all_reduce": chunks}, f"{name}/chunks={chunks}: forward",
+                          {"all_reduce": rows * out_f * x.element_size()})
+        assert_close_rel(outs[chunks], ref, dtype, f"{name}/chunks={chunks}: output")
+    # Each rank's partial product may round differently (one ulp) under another algorithm, and the
+    # partials are summed in the dtype: a few ulps of the largest output.
+    eps = torch.finfo(dtype).eps
+    for chunks, y in outs.items():
+        torch.testing.assert_close(y, outs[1], rtol=2 * eps, atol=8 * eps * outs[1].abs().max().item(),
+                                   msg=lambda m: f"{name}: chunks={chunks} vs chunks=1: {m}")
+    # And the layer's own check (gradients, counts) with a pipelined forward.
+    check_row(group, device, f"{tag}/chunks", dtype, True, True, in_f, out_f, chunks=2)
+
+
+def parity_body():
+    tp, device, tag = _init()
+    check_errors_on_gpu(tp, device)
+    check_layers(tp, device, tag, sizes=GPU_SIZES)
+    check_mlps(tp, device, tag, sizes=GPU_MLP_SIZES)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_mappings(tp, device, tag, dtype)
+        check_fresh_init(tp, device, tag, dtype)
+        check_mlp_fresh_init(tp, device, tag, dtype)
+        check_row_chunks(tp, device, tag, dtype)
+    check_row_chunks(tp, device, tag, torch.float16)
+    tpext.destroy()
+
+
+@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+def test_layers_and_mlp_match_the_full_model_on_gpu(gpus):
+    launch(parity_body, gpus, timeout_s=GPU_TIMEOUT_S)
+
+
+# -- CUDA graphs ---------------------------------------------------------------------------------
+
+
+def _mlp_and_data(tp, device, tag, activation, dtype=torch.float32, hidden=256, ffn=688, rows=96):
+    torch.manual_seed(seed_of(f"{tag}/{activation}", 0))
+    mlp = tpext.ParallelMLP(hidden, ffn, activation, bias=True, group=tp, device=device, dtype=dtype)
+    xs = [full_tensor(f"{tag}/{activation}/x{i}", (rows, hidden), dtype).to(device) for i in range(3)]
+    gs = [full_tensor(f"{tag}/{activation}/g{i}", (rows, hidden), dtype).to(device) for i in range(3)]
+    return mlp, xs, gs
+
+
+def _assert_same(got, expected, what):
+    # Replays run the kernels eager mode runs: identical, or within a rounding where NCCL or
+    # cuBLASLt pick another algorithm under capture.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def graphs_body():
+    tp, device, tag = _init()
+    tag += "/graph"
+    for activation in ("gelu", "swiglu"):
+        what = f"{tag}/{activation} (rank {tp.rank})"
+        mlp, xs, gs = _mlp_and_data(tp, device, tag, activation)
+        params = list(mlp.parameters())
+
+        # Forward only. Warm up on a side stream first: NCCL connects and cuBLASLt plans its GEMMs
+        # on first use, neither of which may happen during capture.
+        static_x = xs[0].clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):
+                mlp(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            static_y = mlp(static_x)
+        for i, x in enumerate(xs):
+            static_x.copy_(x)
+            graph.replay()
+            with torch.no_grad():
+                eager = mlp(x)
+            _assert_same(static_y, eager, f"{what}: forward replay {i}")
+
+        # Forward + backward: gradients set to None before capture, so the captured backward
+        # allocates them from the graph's pool and every replay overwrites them.
+        static_x = xs[0].clone().requires_grad_()
+        static_g = gs[0].clone()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                mlp(static_x).backward(static_g)
+        torch.cuda.current_stream().wait_stream(side)
+        mlp.zero_grad(set_to_none=True)
+        static_x.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = mlp(static_x)
+            static_y.backward(static_g)
+        static_grads = [static_x.grad] + [p.grad for p in params]
+        for i, (x, g) in enumerate(zip(xs, gs)):
+            with torch.no_grad():
+                static_x.copy_(x)
+                static_g.copy_(g)
+            graph.replay()
+            replayed = [static_y.detach().clone()] + [t.clone() for t in static_grads]
+            mlp.zero_grad(set_to_none=True)  # eager allocates its own grads; the graph keeps its
+            xe = x.clone().requires_grad_()
+            ye = mlp(xe)
+            ye.backward(g)
+            eager = [ye.detach(), xe.grad] + [p.grad for p in params]
+            for j, (r, e) in enumerate(zip(replayed, eager)):
+                _assert_same(r, e, f"{what}: forward+backward replay {i}, tensor {j} (output, input grad, params)")
+        torch.cuda.synchronize()
+    tpext.destroy()
+
+
+@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+def test_mlp_cuda_graph_replays_match_eager(gpus):
+    launch(graphs_body, gpus, timeout_s=GPU_TIMEOUT_S)
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+
+
+def compile_body():
+    from torch.utils._triton import has_triton
+
+    tp, device, tag = _init()
+    tag += "/compile"
+    # Inductor needs Triton; without it aot_eager still runs dynamo, the autograd.Function
+    # tracing and the fake implementations of the tpext ops, the parts this test is about.
+    backend = "inductor" if has_triton() else "aot_eager"
+    for activation in ("gelu", "swiglu"):
+        what = f"{tag}/{activation}/{backend} (rank {tp.rank})"
+        mlp, xs, gs = _mlp_and_data(tp, device, tag, activation)
+        params = list(mlp.parameters())
+        compiled = torch.compile(mlp, fullgraph=True, backend=backend)  # a graph break raises
+
+        with torch.no_grad():
+            for i, x in enumerate(xs[:2]):
+                tpext.reset_stats()
+                y = compiled(x)
+                assert_counts(tp, {"all_reduce": 1}, f"{what}: compiled forward {i}",
+                              {"all_reduce": y.numel() * y.element_size()})
+                _assert_close(y, mlp(x), f"{what}: compiled forward {i}")
+
+        for i, (x, g) in enumerate(zip(xs[:2], gs[:2])):
+            mlp.zero_grad(set_to_none=True)
+            xc = x.clone().requires_grad_()
+            tpext.reset_stats()
+            yc = compiled(xc)
+            assert_counts(tp, {"all_reduce": 1}, f"{what}: compiled forward with grad {i}")
+            tpext.reset_stats()
+            yc.backward(g)
+            assert_counts(tp, {"all_reduce": 1}, f"{what}: compiled backward {i}",
+                          {"all_reduce": x.numel() * x.element_size()})
+            got = [yc.detach(), xc.grad] + [p.grad for p in params]
+            mlp.zero_grad(set_to_none=True)
+            xe = x.clone().requires_grad_()
+            ye = mlp(xe)
+            ye.backward(g)
+            expected = [ye.detach(), xe.grad] + [p.grad for p in params]
+            for j, (a, e) in enumerate(zip(got, expected)):
+                _assert_close(a, e, f"{what}: forward+backward {i}, tensor {j} (output, input grad, params)")
+    tpext.destroy()
+
+
+def _assert_close(got, expected, what):
+    # Inductor fuses the elementwise ops (GELU backward, SiLU * up) into its own kernels: fp32
+    # results within a few roundings of eager's.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+def test_mlp_torch_compile_fullgraph_matches_eager(gpus):
+    launch(compile_body, gpus, timeout_s=COMPILE_TIMEOUT_S)

@@ -1,0 +1,119 @@
+"""The autograd Functions of the tensor-parallel linear layers (Megatron-LM, 1909.08053).
+
+    column:  y_r = act(x W_r^T + b_r)         backward: dx = all_reduce(sum_r dy_r W_r)
+    row:     y   = all_reduce(x_r W_r^T) + b    backward: dx_r = dy W_r (no communication)
+
+Each Function has two paths with the same structure: `native` (CUDA tensors of float32, bfloat16
+or float16: the tpext ops, one fused GEMM + collective schedule each) and the torch path (any
+other tensor: F.linear and friends, collectives through tpext.Group, so gloo on the CPU). The
+caller picks the path (layers.py): the choice decides which collectives run, so it must be the
+same on every rank of the group, which is why it depends on nothing rank-local.
+
+Saved for backward, and only when that gradient is wanted: the input (for dW), the weight (for
+dx), the pre-activation (for the GELU's derivative). The native backward ops take both input and
+weight whatever is wanted (they read shapes from them), so that path saves both.
+
+The all-reduce of the column-parallel dx runs exactly when the input needs a gradient; input
+requires_grad must therefore agree across the ranks of the group, as it does in SPMD code.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_native(input: torch.Tensor, every_shard_nonempty: bool) -> bool:
+    """The native ops serve CUDA tensors of their dtypes. An empty shard anywhere in the group
+    (more ranks than features) goes the torch path on every rank: the native schedules skip the
+    GEMM, and with it the collective, of an empty shard."""
+    return input.is_cuda and input.dtype in NATIVE_DTYPES and every_shard_nonempty
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # Not reshape(-1, n): that is ambiguous for the empty shard of a layer with more ranks than features.
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _torch_weight_grads(grad, input, need_w, need_b):
+    g = _rows(grad)
+    dw = g.t().matmul(_rows(input)) if need_w else None
+    db = g.sum(0) if need_b else None
+    return dw, db
+
+
+class ColumnParallelLinearFunction(torch.autograd.Function):
+    """apply(input, weight, bias, group, activation: 'none' | 'gelu', native) -> this rank's
+    output shard. The copy-to-region crossing is fused in: the backward all-reduces dx."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, group, activation, native):
+        if native:
+            out, pre = torch.ops.tpext.linear(input, weight, bias, activation)
+        else:
+            pre = F.linear(input, weight, bias)
+            out = F.gelu(pre, approximate="tanh") if activation == "gelu" else pre
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(input if (need_w or native) else None,
+                              weight if (need_x or native) else None,
+                              pre if activation == "gelu" else None)
+        ctx.group, ctx.activation, ctx.native = group, activation, native
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, pre = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        if ctx.activation == "gelu":
+            grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+        dx = dw = db = None
+        if ctx.native:
+            # The bias gradient rides on the weight-gradient GEMM's epilogue.
+            want_w = need_w or need_b
+            if need_x:
+                dx, dw, db = torch.ops.tpext.column_parallel_backward(grad, input, weight, need_b, want_w,
+                                                                      ctx.group._nccl)
+            elif want_w:
+                _, dw, db = torch.ops.tpext.linear_backward(grad, input, weight, need_b, False, True)
+        else:
+            if need_x:
+                dx = ctx.group.all_reduce(grad.matmul(weight))
+            dw, db = _torch_weight_grads(grad, input, need_w, need_b)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None)
+
+
+class RowParallelLinearFunction(torch.autograd.Function):
+    """apply(input, weight, bias, group, chunks, native) -> the full output, the same on every
+    rank. The reduce-from-region crossing is fused in: the forward all-reduces the partial
+    products (the native op in `chunks` row pieces overlapping the GEMMs, 0 = automatic), and
+    the replicated bias is added once."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, group, chunks, native):
+        if native:
+            out = torch.ops.tpext.row_parallel_linear(input, weight, bias, group._nccl, chunks)
+        else:
+            out = group.all_reduce(F.linear(input, weight))
+            if bias is not None:
+                out.add_(bias)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(input if (need_w or native) else None, weight if (need_x or native) else None)
+        ctx.native = native
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        dx = dw = db = None
+        if ctx.native:
+            if need_x or need_w or need_b:
+                dx, dw, db = torch.ops.tpext.linear_backward(grad, input, weight, need_b, need_x, need_w or need_b)
+        else:
+            if need_x:
+                dx = grad.matmul(weight)
+            dw, db = _torch_weight_grads(grad, input, need_w, need_b)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None)
