@@ -12,6 +12,19 @@ from . import _fake_ops  # noqa: F401
 from .errors import CommDestroyed, CommTimeout, CudaError, NcclError, TpextError
 from .groups import Group
 from .bootstrap import destroy, get_dp_group, get_tp_group, get_world_group, init, is_initialized
+from .partition import gather_shards, is_tensor_parallel, split_sizes
+from .mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
+                       reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .mlp import ParallelMLP
+from .stats import reset_stats, stats
+from .attention import ParallelAttention, head_layout
+from .embedding import ParallelLMHead, VocabParallelEmbedding
+from .cross_entropy import vocab_parallel_cross_entropy
+from .sequence_parallel import (ParallelTransformerLayer, gather_from_sequence_parallel_region,
+                                reduce_scatter_to_sequence_parallel_region, scatter_to_sequence_parallel_region)
+from .convert import parallelize
+from .checkpoint import full_state_dict, gather_params, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -29,6 +42,32 @@ __all__ = [
     "CommTimeout",
     "CommDestroyed",
     "nccl_version",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ParallelMLP",
+    "copy_to_tensor_parallel_region",
+    "reduce_from_tensor_parallel_region",
+    "scatter_to_tensor_parallel_region",
+    "gather_from_tensor_parallel_region",
+    "split_sizes",
+    "gather_shards",
+    "is_tensor_parallel",
+    "stats",
+    "reset_stats",
+    "ParallelAttention",
+    "head_layout",
+    "VocabParallelEmbedding",
+    "ParallelLMHead",
+    "vocab_parallel_cross_entropy",
+    "ParallelTransformerLayer",
+    "scatter_to_sequence_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "parallelize",
+    "gather_params",
+    "full_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
 ]
 
 
