@@ -8,6 +8,10 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests demo bench-allreduce bench-mlp)
+# The device tool brings back at most 8 files: logs travel as one archive, results as themselves,
+# also when an outer `timeout` stops this script part-way.
+archive() { (cd "$OUT" && ls *.log *.txt >/dev/null 2>&1 && tar czf logs.tgz *.log *.txt && rm -f *.log *.txt); ls -la "$OUT"; }
+trap 'archive; exit 124' TERM
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 # Wheels the box lacks (megatron-core for the peer bench) travel in .whl/ (see the device notes).
@@ -51,6 +55,4 @@ if has bench-mlp && [ -f bench/mlp.py ]; then
   echo "bench mlp rc=$?"; tail -25 "$OUT/bench_mlp.log"
   stamp "bench mlp done"
 fi
-# The device tool brings back at most 8 files: logs travel as one archive, results as themselves.
-(cd "$OUT" && ls *.log *.txt >/dev/null 2>&1 && tar czf logs.tgz *.log *.txt && rm -f *.log *.txt)
-ls -la "$OUT"
+archive
