@@ -14,10 +14,18 @@ from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpext"))
 from _native_paths import find_cublaslt, find_nccl  # noqa: E402  (shared with CMake via tpext)
+from _toolchain import pick_cxx  # noqa: E402
 
 from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: E402
 
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+_cxx = pick_cxx()
+if _cxx:
+    print(f"[tpext] CXX={os.environ['CXX']} links libstdc++ statically (a second C++ runtime beside torch's "
+          f"crashes); building with {_cxx}")
+    os.environ["CXX"] = _cxx
+    if os.environ.get("CC") and os.path.basename(_cxx).endswith("++"):
+        os.environ.pop("CC")
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
 here = os.path.dirname(os.path.abspath(__file__))

@@ -58,8 +58,8 @@ def test_collectives_single_process():
 @pytest.mark.parametrize("call", [
     lambda x: torch.ops.tpext.all_reduce(x, 1, "sum"),
     lambda x: torch.ops.tpext.all_reduce_(x, 1, "sum"),
-    lambda x: torch.ops.tpext.all_gather(x, 1, 0),
-    lambda x: torch.ops.tpext.reduce_scatter(x, 1, "sum", 0),
+    lambda x: torch.ops.tpext.all_gather(x, 1, 0, 1),
+    lambda x: torch.ops.tpext.reduce_scatter(x, 1, "sum", 0, 1),
     lambda x: torch.ops.tpext.broadcast_(x, 1, 0),
 ], ids=["all_reduce", "all_reduce_", "all_gather", "reduce_scatter", "broadcast_"])
 def test_torch_ops_reject_cpu_tensors(call):

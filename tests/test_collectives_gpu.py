@@ -59,14 +59,16 @@ def native_bad_calls(group, device):
         ("in-place op 'bogus'", lambda: torch.ops.tpext.all_reduce_(x(4), h, "bogus"), ValueError, r"\bop\b"),
         ("avg of int64", lambda: torch.ops.tpext.all_reduce_(torch.ones(4, dtype=torch.int64, device=device), h,
                                                                "avg"), ValueError, r"avg"),
-        ("all_gather dim 2 of a 2-d tensor", lambda: torch.ops.tpext.all_gather(x(2, 3), h, 2), ValueError, r"\bdim\b"),
-        ("reduce_scatter dim -3 of a 2-d tensor", lambda: torch.ops.tpext.reduce_scatter(x(2 * n, 3), h, "sum", -3),
+        ("all_gather dim 2 of a 2-d tensor", lambda: torch.ops.tpext.all_gather(x(2, 3), h, 2, n), ValueError, r"\bdim\b"),
+        ("reduce_scatter dim -3 of a 2-d tensor", lambda: torch.ops.tpext.reduce_scatter(x(2 * n, 3), h, "sum", -3, n),
          ValueError, r"\bdim\b"),
         ("broadcast root == size", lambda: torch.ops.tpext.broadcast_(x(4), h, n), ValueError, r"\broot\b"),
         ("broadcast root -1", lambda: torch.ops.tpext.broadcast_(x(4), h, -1), ValueError, r"\broot\b"),
         ("transposed input", lambda: torch.ops.tpext.all_reduce(x(3, 5).t(), h, "sum"), ValueError, r"contiguous"),
         ("complex64 input", lambda: torch.ops.tpext.all_gather(torch.ones(4, dtype=torch.complex64, device=device),
-                                                               h, 0), ValueError, r"dtype"),
+                                                               h, 0, n), ValueError, r"dtype"),
+        ("all_gather group_size not the communicator's", lambda: torch.ops.tpext.all_gather(x(4), h, 0, n + 1),
+         ValueError, r"\bgroup_size\b"),
         ("bool input", lambda: torch.ops.tpext.broadcast_(torch.ones(4, dtype=torch.bool, device=device), h, 0),
          ValueError, r"dtype"),
         ("CPU input", lambda: torch.ops.tpext.all_reduce(torch.randn(4), h, "sum"), ValueError, r"CUDA"),
@@ -74,7 +76,7 @@ def native_bad_calls(group, device):
          r"\bcomm\b"),
     ]
     if n > 1:
-        cases.append(("reduce_scatter not divisible", lambda: torch.ops.tpext.reduce_scatter(x(2 * n + 1), h, "sum", 0),
+        cases.append(("reduce_scatter not divisible", lambda: torch.ops.tpext.reduce_scatter(x(2 * n + 1), h, "sum", 0, n),
                       ValueError, r"divisible"))
     if torch.cuda.device_count() >= 2:
         # Every rank sees every GPU (torchrun does not hide them): one not its own is "the wrong one".

@@ -61,7 +61,7 @@ class Group:
         """Concatenation of every rank's `tensor` along `dim`, in group-rank order."""
         self._check("all_gather", tensor, dim=dim)
         if tensor.is_cuda:
-            return torch.ops.tpext.all_gather(tensor, self._nccl, dim)
+            return torch.ops.tpext.all_gather(tensor, self._nccl, dim, self.size)
         self._count("all_gather", tensor.numel() * tensor.element_size())
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor, group=self._gloo)
@@ -76,7 +76,7 @@ class Group:
                 f"reduce_scatter: input: expected size {tensor.shape[d]} along dim {d} to be divisible by "
                 f"the group size {self.size}")
         if tensor.is_cuda:
-            return torch.ops.tpext.reduce_scatter(tensor, self._nccl, op, dim)
+            return torch.ops.tpext.reduce_scatter(tensor, self._nccl, op, dim, self.size)
         self._count("reduce_scatter", tensor.numel() * tensor.element_size())
         # gloo has no reduce-scatter on every torch version; reducing all and keeping our chunk gives
         # the same values.

@@ -28,9 +28,9 @@ std::string nccl_message(const char* what, const std::string& where, ncclResult_
   return msg;
 }
 
-ncclConfig_t make_config(const CommOptions& opts) {
+ncclConfig_t make_config(const CommOptions& opts, bool blocking = false) {
   ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
-  cfg.blocking = 0;
+  cfg.blocking = blocking ? 1 : 0;
   cfg.commName = opts.name.c_str();
   if (opts.min_ctas > 0) cfg.minCTAs = opts.min_ctas;
   if (opts.max_ctas > 0) cfg.maxCTAs = opts.max_ctas;
@@ -44,9 +44,10 @@ void validate_options(const CommOptions& opts) {
     throw_invalid_argument("min_ctas: expected <= max_ctas (" + std::to_string(opts.max_ctas) + "), got " + std::to_string(opts.min_ctas));
 }
 
-// Waits until a freshly created (or split) communicator finished its non-blocking init. Returns the
-// final state; on timeout aborts `comm` and throws.
-void wait_init(ncclComm_t comm, Clock::time_point deadline, const char* what, const std::string& where) {
+// Waits until a freshly created (or split) communicator finished its non-blocking init; on error or
+// timeout aborts `comm` (unless the caller aborts it itself) and throws.
+void wait_init(ncclComm_t comm, Clock::time_point deadline, const char* what, const std::string& where,
+               bool abort_on_failure = true) {
   while (true) {
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = ncclCommGetAsyncError(comm, &state);
@@ -54,11 +55,11 @@ void wait_init(ncclComm_t comm, Clock::time_point deadline, const char* what, co
     if (state == ncclSuccess) return;
     if (state != ncclInProgress) {
       std::string msg = nccl_message(what, where, state, comm);
-      ncclCommAbort(comm);
+      if (abort_on_failure) ncclCommAbort(comm);
       throw NcclError(msg, state);
     }
     if (Clock::now() > deadline) {
-      ncclCommAbort(comm);
+      if (abort_on_failure) ncclCommAbort(comm);
       throw Timeout(std::string("tpext timeout in ") + what + " on " + where +
                     ": not every rank joined before the deadline; is every rank calling it with the same "
                     "unique id and size? The communicator was aborted.");
@@ -95,8 +96,8 @@ int nccl_runtime_version() {
   return v;
 }
 
-Communicator::Communicator(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts)
-    : comm_(comm), rank_(rank), size_(size), device_(device), opts_(opts) {
+Communicator::Communicator(ncclComm_t comm, ncclComm_t ctl, int rank, int size, int device, const CommOptions& opts)
+    : comm_(comm), ctl_(ctl), rank_(rank), size_(size), device_(device), opts_(opts) {
   DeviceGuard guard(device_);
   int least = 0, greatest = 0;
   TPEXT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -128,10 +129,31 @@ std::unique_ptr<Communicator> Communicator::create(const UniqueId& id, int rank,
     throw NcclError(msg, r);
   }
   wait_init(comm, deadline_after(opts.timeout_s), "ncclCommInitRankConfig", where);
+  return adopt(comm, rank, size, device, opts);
+}
+
+std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int size, int device,
+                                                  const CommOptions& opts) {
+  ncclComm_t twin = nullptr;
   try {
-    return std::unique_ptr<Communicator>(new Communicator(comm, rank, size, device, opts));
+    if (opts.blocking_collectives && size > 1) {
+      // Split from the non-blocking original, the split itself is non-blocking (NCCL takes the
+      // group's mode from the parent) and so bounded by the timeout; the twin blocks afterwards.
+      DeviceGuard guard(device);
+      const std::string where = "the blocking twin of " + describe_rank(opts.name, rank, size, device);
+      ncclConfig_t cfg = make_config(opts, /*blocking=*/true);
+      ncclResult_t r = ncclCommSplit(comm, 0, rank, &twin, &cfg);
+      if (r != ncclSuccess && r != ncclInProgress) throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
+      const auto deadline = deadline_after(opts.timeout_s);
+      wait_init(comm, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
+      if (twin == nullptr) throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
+      wait_init(twin, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
+      return std::unique_ptr<Communicator>(new Communicator(twin, comm, rank, size, device, opts));
+    }
+    return std::unique_ptr<Communicator>(new Communicator(comm, nullptr, rank, size, device, opts));
   } catch (...) {
-    ncclCommAbort(comm);
+    (void)ncclCommAbort(comm);
+    if (twin != nullptr) (void)ncclCommAbort(twin);
     throw;
   }
 }
@@ -178,7 +200,11 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std:
   try {
     for (int i = 0; i < n; ++i) {
       wait_init(comms[i], deadline, "ncclCommInitRankConfig", describe_rank(opts.name, i, n, devices[i]));
-      out.emplace_back(new Communicator(comms[i], i, n, devices[i], opts));
+      // No blocking twins here: one thread drives every rank, so a blocking launch on one would
+      // wait for the others (and these communicators serve tests and single-process tools).
+      CommOptions local = opts;
+      local.blocking_collectives = false;
+      out.emplace_back(new Communicator(comms[i], nullptr, i, n, devices[i], local));
       comms[i] = nullptr;
     }
   } catch (...) {
@@ -224,17 +250,23 @@ void Communicator::require_alive(const char* what) const {
 
 void Communicator::fail(const char* what, ncclResult_t result) {
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
+  if (failure_.load(std::memory_order_acquire) != Failure::kNone) {
+    // The watchdog aborted a call blocked in NCCL: its reason, not NCCL's "aborted", is the cause.
+    abort_locked();
+    require_alive(what);
+  }
   std::string msg = nccl_message(what, describe(), result, comm_);
   abort();
   throw NcclError(msg + ". The communicator was aborted.", result);
 }
 
-void Communicator::wait_ready(const char* what) {
+void Communicator::wait_ready(const char* what, ncclComm_t comm) {
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   const auto deadline = deadline_after(opts_.timeout_s);
+  if (comm == nullptr) comm = comm_;
   while (true) {
     ncclResult_t state = ncclSuccess;
-    ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+    ncclResult_t r = ncclCommGetAsyncError(comm, &state);
     if (r != ncclSuccess) fail(what, r);
     if (state == ncclSuccess) return;
     if (state != ncclInProgress) fail(what, state);
@@ -257,11 +289,13 @@ std::unique_ptr<Communicator> Communicator::split(int color, int key, const Comm
   DeviceGuard guard(device_);
   ncclConfig_t cfg = make_config(opts);
   ncclComm_t child = nullptr;
-  ncclResult_t r = ncclCommSplit(comm_, color, key, &child, &cfg);
+  // From the non-blocking original: the split is then bounded by the timeout.
+  ncclComm_t parent = ctl_ != nullptr ? ctl_ : comm_;
+  ncclResult_t r = ncclCommSplit(parent, color, key, &child, &cfg);
   if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommSplit", r);
   // The split is collective on the parent: wait for the parent to leave the in-progress state,
   // then for the child to finish its own init.
-  wait_ready("ncclCommSplit");
+  wait_ready("ncclCommSplit", parent);
   if (color == kNoColor) return nullptr;
   if (child == nullptr)
     throw NcclError("tpext NCCL error in ncclCommSplit on " + describe() + ": color " + std::to_string(color) +
@@ -274,12 +308,7 @@ std::unique_ptr<Communicator> Communicator::split(int color, int key, const Comm
     ncclCommAbort(child);
     throw NcclError("tpext: could not read rank/size of the communicator split from " + describe(), ncclInternalError);
   }
-  try {
-    return std::unique_ptr<Communicator>(new Communicator(child, child_rank, child_size, device_, opts));
-  } catch (...) {
-    ncclCommAbort(child);
-    throw;
-  }
+  return adopt(child, child_rank, child_size, device_, opts);
 }
 
 void Communicator::fence_in(cudaStream_t caller) {
@@ -312,6 +341,21 @@ void Communicator::track(cudaStream_t caller) {
 
 void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
   if (failure_.load(std::memory_order_acquire) != Failure::kNone) return;
+  const int64_t since = host_call_since_.load(std::memory_order_acquire);
+  if (since != 0) {
+    // A caller is blocked inside NCCL on the blocking twin (holding nccl_mu_). ncclCommAbort from
+    // another thread is NCCL's way to end such a call; the caller then throws this reason.
+    const double age_s = std::chrono::duration<double>(now.time_since_epoch() - Clock::duration(since)).count();
+    if (age_s > opts_.timeout_s) {
+      failure_message_ = std::string("tpext timeout: a ") + last_what_ + " call on " + describe() +
+                         " stayed blocked in NCCL for " + std::to_string(age_s) + " s (timeout " +
+                         std::to_string(opts_.timeout_s) + " s): a peer rank may have died. The watchdog aborted the "
+                         "communicator.";
+      failure_.store(Failure::kTimeout, std::memory_order_release);
+      if (!data_aborted_.exchange(true)) (void)ncclCommAbort(comm_);
+    }
+    return;
+  }
   std::unique_lock<std::recursive_mutex> nccl_lock(nccl_mu_, std::try_to_lock);
   if (!nccl_lock.owns_lock() || comm_ == nullptr) return;
   ncclResult_t state = ncclSuccess;
@@ -373,6 +417,7 @@ void Communicator::enqueue(const Collective& c) {
   }
   ncclResult_t r = ncclSuccess;
   const ncclDataType_t dt = to_nccl(c.dtype);
+  if (ctl_ != nullptr) host_call_since_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
   switch (c.kind) {
     case CollectiveKind::kAllReduce:
       r = ncclAllReduce(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm_, stream_);
@@ -387,6 +432,7 @@ void Communicator::enqueue(const Collective& c) {
       r = ncclBroadcast(c.send, c.recv, c.count, dt, c.root, comm_, stream_);
       break;
   }
+  host_call_since_.store(0, std::memory_order_release);
   if (r == ncclInProgress) {
     wait_ready(what);
   } else if (r != ncclSuccess) {
@@ -481,7 +527,27 @@ void Communicator::destroy() {
   wait_ready("ncclCommFinalize");
   r = ncclCommDestroy(comm_);
   comm_ = nullptr;
-  if (r != ncclSuccess) throw NcclError(nccl_message("ncclCommDestroy", describe(), r, nullptr), r);
+  if (r != ncclSuccess) {
+    if (ctl_ != nullptr) (void)ncclCommAbort(ctl_), ctl_ = nullptr;
+    throw NcclError(nccl_message("ncclCommDestroy", describe(), r, nullptr), r);
+  }
+  if (ctl_ != nullptr) {
+    // The original was only ever split from: nothing outstanding, finalize is immediate.
+    ncclComm_t ctl = ctl_;
+    r = ncclCommFinalize(ctl);
+    if (r == ncclSuccess || r == ncclInProgress) {
+      try {
+        wait_init(ctl, deadline_after(opts_.timeout_s), "ncclCommFinalize", describe());
+      } catch (...) {
+        ctl_ = nullptr;  // wait_init aborted it
+        throw;
+      }
+      r = ncclCommDestroy(ctl);
+    } else {
+      (void)ncclCommAbort(ctl);
+    }
+    ctl_ = nullptr;
+  }
 }
 
 void Communicator::abort() noexcept {
@@ -494,8 +560,10 @@ void Communicator::abort_locked() noexcept {
   int previous = 0;
   bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
   (void)cudaSetDevice(device_);
-  (void)ncclCommAbort(comm_);
+  if (!data_aborted_.exchange(true)) (void)ncclCommAbort(comm_);
+  if (ctl_ != nullptr) (void)ncclCommAbort(ctl_);
   comm_ = nullptr;
+  ctl_ = nullptr;
   if (have_previous) (void)cudaSetDevice(previous);
 }
 

@@ -37,6 +37,12 @@ struct CommOptions {
   int max_ctas = -1;
   int cga_cluster_size = -1;
   bool high_priority_stream = true;  // so the collective's kernels are not queued behind GEMM tiles
+  // Collectives through a blocking twin of the communicator. On a non-blocking communicator NCCL
+  // (2.19+) hands every launch to a helper thread and returns ncclInProgress, which costs tens of
+  // microseconds per call; a blocking twin launches inline. Init and split stay non-blocking (and
+  // so bounded by timeout_s) on the original, kept for splitting. A host call blocked on the twin
+  // is ended by the watchdog's abort once it outlives timeout_s.
+  bool blocking_collectives = false;
 };
 
 struct CommStats {
@@ -111,17 +117,26 @@ class Communicator {
   void watchdog_poll(std::chrono::steady_clock::time_point now);
 
  private:
-  Communicator(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts);
+  Communicator(ncclComm_t comm, ncclComm_t ctl, int rank, int size, int device, const CommOptions& opts);
+  // Wraps a freshly initialised non-blocking `comm` (rank `rank` of `size`): with
+  // opts.blocking_collectives and size > 1 collectives go to a blocking twin split from it.
+  static std::unique_ptr<Communicator> adopt(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts);
   void require_alive(const char* what) const;
-  // Polls ncclCommGetAsyncError until the communicator leaves ncclInProgress; aborts and throws on
-  // error or when the deadline passes.
-  void wait_ready(const char* what);
+  // Polls ncclCommGetAsyncError on `comm` (comm_ when null) until it leaves ncclInProgress;
+  // aborts and throws on error or when the deadline passes.
+  void wait_ready(const char* what, ncclComm_t comm = nullptr);
   [[noreturn]] void fail(const char* what, ncclResult_t result);
   // Marks everything enqueued so far on the comm stream for the watchdog (outside graph capture).
   void track(cudaStream_t caller);
   void abort_locked() noexcept;
 
-  ncclComm_t comm_ = nullptr;
+  ncclComm_t comm_ = nullptr;  // collectives
+  ncclComm_t ctl_ = nullptr;   // the non-blocking original, for split; null when comm_ is it
+  // Set once ncclCommAbort ran on comm_ (by the caller, or by the watchdog, which may abort a host
+  // call blocked inside NCCL without holding nccl_mu_), so it is never aborted twice.
+  std::atomic<bool> data_aborted_{false};
+  // When a blocking NCCL call on comm_ began (steady_clock ticks), 0 when none is in progress.
+  std::atomic<int64_t> host_call_since_{0};
   int rank_;
   int size_;
   int device_;

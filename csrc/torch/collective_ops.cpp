@@ -46,10 +46,17 @@ at::Tensor all_reduce_impl(const at::Tensor& input, int64_t handle, const std::s
 
 // Concatenation along `dim` in rank order. NCCL gathers whole buffers one after another, which is
 // concatenation along dim 0; other dims are a transpose of that layout.
-at::Tensor all_gather_impl(const at::Tensor& input, int64_t handle, int64_t dim) {
+void check_group_size(const core::Communicator& comm, int64_t group_size, const char* op) {
+  if (group_size != comm.size())
+    core::throw_invalid_argument(std::string(op) + ": group_size: expected " + std::to_string(comm.size()) +
+                                 " (the size of " + comm.describe() + "), got " + std::to_string(group_size));
+}
+
+at::Tensor all_gather_impl(const at::Tensor& input, int64_t handle, int64_t dim, int64_t group_size) {
   at::Tensor out;
   TPEXT_TRANSLATE_ERRORS({
     auto comm = lookup_communicator(handle, "all_gather");
+    check_group_size(*comm, group_size, "all_gather");
     check_collective_tensor(input, *comm, "all_gather", "input");
     const int64_t d = normalize_dim(dim, input, "all_gather", "input");
     c10::cuda::CUDAGuard guard(comm->device());
@@ -67,10 +74,12 @@ at::Tensor all_gather_impl(const at::Tensor& input, int64_t handle, int64_t dim)
 }
 
 // Sum (or op) over ranks, then rank r keeps chunk r along `dim`.
-at::Tensor reduce_scatter_impl(const at::Tensor& input, int64_t handle, const std::string& op, int64_t dim) {
+at::Tensor reduce_scatter_impl(const at::Tensor& input, int64_t handle, const std::string& op, int64_t dim,
+                               int64_t group_size) {
   at::Tensor out;
   TPEXT_TRANSLATE_ERRORS({
     auto comm = lookup_communicator(handle, "reduce_scatter");
+    check_group_size(*comm, group_size, "reduce_scatter");
     check_collective_tensor(input, *comm, "reduce_scatter", "input");
     const int64_t d = normalize_dim(dim, input, "reduce_scatter", "input");
     const auto reduce = core::parse_reduce_op(op);
@@ -127,9 +136,10 @@ TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
 TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("all_reduce_", [](at::Tensor& self, int64_t, const std::string&) { not_cuda("all_reduce_"); });
   m.impl("all_reduce", [](const at::Tensor&, int64_t, const std::string&) -> at::Tensor { not_cuda("all_reduce"); });
-  m.impl("all_gather", [](const at::Tensor&, int64_t, int64_t) -> at::Tensor { not_cuda("all_gather"); });
-  m.impl("reduce_scatter",
-         [](const at::Tensor&, int64_t, const std::string&, int64_t) -> at::Tensor { not_cuda("reduce_scatter"); });
+  m.impl("all_gather", [](const at::Tensor&, int64_t, int64_t, int64_t) -> at::Tensor { not_cuda("all_gather"); });
+  m.impl("reduce_scatter", [](const at::Tensor&, int64_t, const std::string&, int64_t, int64_t) -> at::Tensor {
+    not_cuda("reduce_scatter");
+  });
   m.impl("broadcast_", [](at::Tensor& self, int64_t, int64_t) { not_cuda("broadcast_"); });
 }
 

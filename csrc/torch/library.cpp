@@ -6,8 +6,10 @@
 TORCH_LIBRARY(tpext, m) {
   m.def("all_reduce_(Tensor(a!) self, int comm, str op) -> ()");
   m.def("all_reduce(Tensor input, int comm, str op) -> Tensor");
-  m.def("all_gather(Tensor input, int comm, int dim) -> Tensor");
-  m.def("reduce_scatter(Tensor input, int comm, str op, int dim) -> Tensor");
+  // group_size is the communicator's size, repeated so that output shapes follow from the
+  // arguments alone: a compiled graph (and inductor's on-disk cache) never asks the handle.
+  m.def("all_gather(Tensor input, int comm, int dim, int group_size) -> Tensor");
+  m.def("reduce_scatter(Tensor input, int comm, str op, int dim, int group_size) -> Tensor");
   m.def("broadcast_(Tensor(a!) self, int comm, int root) -> ()");
 }
 

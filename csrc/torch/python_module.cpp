@@ -17,8 +17,10 @@ namespace core = tpext::core;
 
 namespace {
 
-core::CommOptions make_options(const std::string& name, double timeout_s, int min_ctas, int max_ctas) {
+core::CommOptions make_options(const std::string& name, double timeout_s, int min_ctas, int max_ctas,
+                               bool blocking_collectives) {
   core::CommOptions o;
+  o.blocking_collectives = blocking_collectives;
   o.name = name;
   o.timeout_s = timeout_s;
   o.min_ctas = min_ctas;
@@ -61,19 +63,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "comm_create",
       [](py::bytes uid, int rank, int size, int device, const std::string& name, double timeout_s, int min_ctas,
-         int max_ctas) {
+         int max_ctas, bool blocking_collectives) {
         std::string raw = uid;
         if (raw.size() != NCCL_UNIQUE_ID_BYTES)
           throw core::InvalidArgument("uid: expected " + std::to_string(NCCL_UNIQUE_ID_BYTES) +
                                       " bytes from tpext._C.unique_id(), got " + std::to_string(raw.size()));
         core::UniqueId id;
         std::copy(raw.begin(), raw.end(), id.begin());
-        auto opts = make_options(name, timeout_s, min_ctas, max_ctas);
+        auto opts = make_options(name, timeout_s, min_ctas, max_ctas, blocking_collectives);
         py::gil_scoped_release no_gil;  // waits for the other ranks
         return register_communicator(core::Communicator::create(id, rank, size, device, opts));
       },
       py::arg("uid"), py::arg("rank"), py::arg("size"), py::arg("device"), py::arg("name") = "world",
-      py::arg("timeout_s") = 600.0, py::arg("min_ctas") = -1, py::arg("max_ctas") = -1);
+      py::arg("timeout_s") = 600.0, py::arg("min_ctas") = -1, py::arg("max_ctas") = -1,
+      // Inline launches (see CommOptions::blocking_collectives); False for a fully non-blocking comm.
+      py::arg("blocking_collectives") = true);
 
   m.def(
       "comm_split",
@@ -119,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
         d["device"] = comm->device();
         d["name"] = comm->name();
         d["alive"] = comm->alive();
+        d["blocking_collectives"] = comm->options().blocking_collectives && comm->size() > 1;
         return d;
       },
       py::arg("handle"));

@@ -383,8 +383,9 @@ TEST(CommunicatorGrouped, StatsCountCallsAndInputBytesPerKind) {
 // One thread per rank
 // =============================================================================================
 
-TEST(CommunicatorThreads, CreatePerRankAndEveryNamedCollective) {
-  TPEXT_REQUIRE_GPUS(1);
+// Every named collective on communicators created one per thread; with `blocking`, through the
+// blocking twin (CommOptions::blocking_collectives), and then again on a split of it.
+void every_named_collective_per_thread(bool blocking) {
   const int n = visible_gpu_count();
   const UniqueId id = make_unique_id();
   std::vector<CollectiveCase> cases;
@@ -400,7 +401,9 @@ TEST(CommunicatorThreads, CreatePerRankAndEveryNamedCollective) {
   on_every_rank(n, [&](int r) {
     // Each thread creates its own rank: create() blocks until all ranks joined, so this only
     // completes because the other threads run it concurrently.
-    auto comm = Communicator::create(id, r, n, r, test_options("threads"));
+    CommOptions opts = test_options(blocking ? "threads-blocking" : "threads");
+    opts.blocking_collectives = blocking;
+    auto comm = Communicator::create(id, r, n, r, opts);
     EXPECT_EQ(comm->rank(), r);
     EXPECT_EQ(comm->size(), n);
     Stream s(r);
@@ -417,9 +420,31 @@ TEST(CommunicatorThreads, CreatePerRankAndEveryNamedCollective) {
     EXPECT_EQ(st.calls[1], 3u);
     EXPECT_EQ(st.calls[2], 6u);
     EXPECT_EQ(st.calls[3], 3u);
+    // A split (same color everywhere, reversed keys) works through its own twin too.
+    CommOptions child_opts = opts;
+    child_opts.name = "threads-child";
+    auto child = comm->split(0, n - 1 - r, child_opts);
+    ASSERT_NE(child, nullptr);
+    EXPECT_EQ(child->rank(), n - 1 - r);
+    const CollectiveCase c{CollectiveKind::kAllReduce, DataType::kFloat32, ReduceOp::kSum, 0, 4097, false};
+    const auto inputs = tpext::testing::make_inputs(c, n, 900);
+    RankBuffers b(c, child->rank(), n, r, inputs[child->rank()], s.get());
+    call_named(*child, b.collective(), s.get());
+    tpext::testing::expect_rank_result(c, child->rank(), inputs, b, s.get());
+    child->destroy();
     comm->destroy();
     EXPECT_FALSE(comm->alive());
   });
+}
+
+TEST(CommunicatorThreads, CreatePerRankAndEveryNamedCollective) {
+  TPEXT_REQUIRE_GPUS(1);
+  every_named_collective_per_thread(false);
+}
+
+TEST(CommunicatorThreads, BlockingTwinCarriesEveryNamedCollectiveAndSplits) {
+  TPEXT_REQUIRE_GPUS(1);
+  every_named_collective_per_thread(true);
 }
 
 // =============================================================================================
