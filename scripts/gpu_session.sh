@@ -32,11 +32,11 @@ stamp "built"
 if has tests; then
   if [ ! -f /usr/include/gtest/gtest.h ]; then echo "no gtest headers" | tee "$OUT/ctest.log"; fi
   (cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" && cmake --build build/cmake &&
-    cd build/cmake && ctest --output-on-failure) > "$OUT/ctest.log" 2>&1
+    cd build/cmake && timeout "${CTEST_TIMEOUT:-240}" ctest --output-on-failure) > "$OUT/ctest.log" 2>&1
   echo "ctest rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -5
   grep -cE "^\[  SKIPPED \]" "$OUT/ctest.log" | sed 's/^/gtest skipped lines: /'
   stamp "ctest done"
-  "$PY" -m pytest -q -rs tests -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -3 "$OUT/pytest.log"; grep -E "^SKIPPED" "$OUT/pytest.log" | head -20
   stamp "pytest done"
 fi

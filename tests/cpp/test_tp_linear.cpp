@@ -1,0 +1,302 @@
+// The tensor-parallel linear schedules of csrc/core/tp_linear: how the row-parallel forward cuts
+// its rows (host), and on GPUs, one thread per rank, the overlapped row-parallel forward for every
+// chunk count and the column-parallel backward (dx all-reduced under the wgrad GEMM), each against
+// a float64 reference computed on the host from the same (dtype-rounded) inputs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_test_util.h"
+#include "core/communicator.h"
+#include "core/gemm.h"
+#include "core/tp_linear.h"
+#include "gpu_test_util.h"
+
+namespace tpext::core {
+namespace {
+
+using tpext::testing::decode;
+using tpext::testing::DeviceBuffer;
+using tpext::testing::encode;
+using tpext::testing::Stream;
+using tpext::testing::visible_gpu_count;
+
+// ---------------------------------------------------------------------------------------------
+// Host: the row pieces
+// ---------------------------------------------------------------------------------------------
+
+TEST(RowChunks, PiecesCoverEveryRowOnceOnMultiplesOf8) {
+  for (int64_t m : {1, 7, 8, 9, 127, 128, 129, 1000, 4096, 4097, 16384}) {
+    for (int chunks : {1, 2, 3, 4, 7}) {
+      int64_t expect_begin = 0;
+      for (int i = 0; i < chunks; ++i) {
+        int64_t b = -1, e = -1;
+        chunk_rows(m, chunks, i, &b, &e);
+        EXPECT_EQ(b, expect_begin) << "m=" << m << " chunks=" << chunks << " piece " << i;
+        EXPECT_LE(b, e) << "m=" << m << " chunks=" << chunks << " piece " << i;
+        EXPECT_TRUE(e % 8 == 0 || e == m) << "m=" << m << " chunks=" << chunks << " piece " << i << " ends at " << e;
+        expect_begin = e;
+      }
+      EXPECT_EQ(expect_begin, m) << "m=" << m << " chunks=" << chunks << ": the pieces must end at m";
+    }
+  }
+}
+
+TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
+  EXPECT_EQ(choose_row_chunks(256, 8192, DataType::kBFloat16, 2), 1) << "4 MiB output: latency-bound";
+  EXPECT_EQ(choose_row_chunks(16384, 8192, DataType::kBFloat16, 2), 4) << "256 MiB output";
+  EXPECT_EQ(choose_row_chunks(16384, 8192, DataType::kBFloat16, 1), 1) << "no collective to hide on one rank";
+  for (int64_t m : {1, 100, 255, 1000, 4096, 16384, 65536}) {
+    const int c = choose_row_chunks(m, 8192, DataType::kBFloat16, 2);
+    EXPECT_GE(c, 1);
+    EXPECT_TRUE(c == 1 || m / c >= 128) << "m=" << m << " gave " << c << " pieces of under 128 rows";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU: one thread per rank
+// ---------------------------------------------------------------------------------------------
+
+void on_every_rank(int n, const std::function<void(int)>& body) {
+  std::vector<std::string> errors(n);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(r);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < n; ++r)
+    if (!errors[r].empty()) ADD_FAILURE() << "rank " << r << " threw: " << errors[r];
+}
+
+// `count` random values in [-1, 1) rounded to `dt`, as doubles (what the GPU will see exactly).
+std::vector<double> rounded(size_t count, DataType dt, uint32_t seed) {
+  const auto f = tpext::testing::random_floats(count, seed);
+  return decode(encode(std::vector<double>(f.begin(), f.end()), dt), dt);
+}
+
+struct Device {
+  int device;
+  DeviceBuffer buf;
+  Device(int dev, const std::vector<double>& values, DataType dt) : device(dev) {
+    const auto bytes = encode(values, dt);
+    buf = DeviceBuffer(dev, bytes.size());
+    DeviceGuard g(dev);
+    TPEXT_CUDA_CHECK(cudaMemcpy(buf.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  }
+  Device(int dev, size_t count, DataType dt) : device(dev), buf(dev, count * element_size(dt)) {
+    DeviceGuard g(dev);
+    TPEXT_CUDA_CHECK(cudaMemset(buf.get(), 0xff, count * element_size(dt)));  // NaN-ish: unwritten shows
+  }
+  std::vector<double> read(size_t count, DataType dt, cudaStream_t s) const {
+    std::vector<unsigned char> bytes(count * element_size(dt));
+    DeviceGuard g(device);
+    TPEXT_CUDA_CHECK(cudaStreamSynchronize(s));
+    TPEXT_CUDA_CHECK(cudaMemcpy(bytes.data(), buf.get(), bytes.size(), cudaMemcpyDeviceToHost));
+    return decode(bytes, dt);
+  }
+};
+
+// Compares got with want element-wise: |got - want| <= tol * scale[i] (scale: the sum of the
+// absolute products that made element i, so rounding in any order is inside it).
+void expect_close(const std::vector<double>& got, const std::vector<double>& want, const std::vector<double>& scale,
+                  double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int shown = 0;
+  size_t bad = 0;
+  std::ostringstream first;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(got[i] - want[i]);
+    if (!(err <= tol * scale[i] + 1e-30)) {
+      ++bad;
+      if (shown++ < 5) first << " [" << i << "] got " << got[i] << " want " << want[i] << " (bound " << tol * scale[i] << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements off:" << first.str();
+}
+
+double tolerance(DataType dt) { return dt == DataType::kFloat32 ? 2e-5 : 1.2e-2; }
+
+DeviceBuffer workspace(int device) { return DeviceBuffer(device, matmul_workspace_bytes()); }
+
+CommOptions options(const char* name) {
+  CommOptions o;
+  o.name = name;
+  o.timeout_s = 60;
+  o.blocking_collectives = true;  // the data path the torch ops use
+  return o;
+}
+
+// Row-parallel forward on n ranks: rank r holds x_r [m, k_r] and w_r [n_out, k_r] with uneven
+// k_r; y = sum_r x_r w_r^T + bias on every rank, for each chunk count.
+void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataType dt, bool bias) {
+  std::vector<int64_t> k_of(n), k_begin(n);
+  for (int r = 0, begin = 0; r < n; ++r) {
+    k_of[r] = k_total / n + (r < k_total % n ? 1 : 0);
+    k_begin[r] = begin;
+    begin += static_cast<int>(k_of[r]);
+  }
+  const auto x_full = rounded(static_cast<size_t>(m * k_total), dt, 11);   // [m, k_total]
+  const auto w_full = rounded(static_cast<size_t>(n_out * k_total), dt, 12);  // [n_out, k_total]
+  const auto b = rounded(static_cast<size_t>(n_out), dt, 13);
+  std::vector<double> want(m * n_out), scale(m * n_out);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n_out; ++j) {
+      double acc = bias ? b[j] : 0.0, mag = bias ? std::fabs(b[j]) : 0.0;
+      for (int64_t q = 0; q < k_total; ++q) {
+        const double p = x_full[i * k_total + q] * w_full[j * k_total + q];
+        acc += p;
+        mag += std::fabs(p);
+      }
+      want[i * n_out + j] = acc;
+      scale[i * n_out + j] = mag + std::fabs(acc);
+    }
+  const UniqueId id = make_unique_id();
+  const std::string tag = "n=" + std::to_string(n) + " m=" + std::to_string(m) + " n_out=" + std::to_string(n_out) +
+                          " k=" + std::to_string(k_total) + " " + dtype_name(dt) + (bias ? " bias" : "");
+  on_every_rank(n, [&](int r) {
+    auto comm = Communicator::create(id, r, n, r, options("row-parallel"));
+    std::vector<double> x_r(m * k_of[r]), w_r(n_out * k_of[r]);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t q = 0; q < k_of[r]; ++q) x_r[i * k_of[r] + q] = x_full[i * k_total + k_begin[r] + q];
+    for (int64_t j = 0; j < n_out; ++j)
+      for (int64_t q = 0; q < k_of[r]; ++q) w_r[j * k_of[r] + q] = w_full[j * k_total + k_begin[r] + q];
+    Device x(r, x_r, dt), w(r, w_r, dt), bb(r, b, dt);
+    Stream s(r);
+    DeviceBuffer ws = workspace(r);
+    for (int chunks : {1, 2, 3, 4, 7}) {
+      Device y(r, static_cast<size_t>(m * n_out), dt);
+      RowParallelForward a;
+      a.x = x.buf.get();
+      a.w = w.buf.get();
+      a.bias = bias ? bb.buf.get() : nullptr;
+      a.y = y.buf.get();
+      a.m = m;
+      a.n = n_out;
+      a.k = k_of[r];
+      a.dtype = dt;
+      a.chunks = chunks;
+      {
+        DeviceGuard g(r);
+        row_parallel_forward(*comm, a, Workspace{ws.get(), ws.bytes()}, s.get());
+      }
+      expect_close(y.read(m * n_out, dt, s.get()), want, scale, tolerance(dt),
+                   tag + " chunks=" + std::to_string(chunks) + " rank " + std::to_string(r));
+    }
+    comm->destroy();
+  });
+}
+
+TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductFp32) {
+  TPEXT_REQUIRE_GPUS(1);
+  const int n = std::min(visible_gpu_count(), 4);
+  row_parallel_case(n, 1000, 96, 250, DataType::kFloat32, true);
+  row_parallel_case(n, 64, 40, 33, DataType::kFloat32, false);
+}
+
+TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductBf16) {
+  TPEXT_REQUIRE_GPUS(1);
+  const int n = std::min(visible_gpu_count(), 4);
+  row_parallel_case(n, 1024, 128, 256, DataType::kBFloat16, true);
+  row_parallel_case(n, 1000, 64, 130, DataType::kBFloat16, false);
+}
+
+// Column-parallel backward on n ranks: rank r holds w_r [n_r, k] (its output rows) and dy_r
+// [m, n_r]; dx = sum_r dy_r w_r on every rank, dw_r = dy_r^T x, db_r = column sums of dy_r.
+void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType dt) {
+  std::vector<int64_t> n_of(n), n_begin(n);
+  for (int r = 0, begin = 0; r < n; ++r) {
+    n_of[r] = n_total / n + (r < n_total % n ? 1 : 0);
+    n_begin[r] = begin;
+    begin += static_cast<int>(n_of[r]);
+  }
+  const auto x = rounded(static_cast<size_t>(m * k), dt, 21);         // [m, k]
+  const auto w_full = rounded(static_cast<size_t>(n_total * k), dt, 22);  // [n_total, k]
+  const auto dy_full = rounded(static_cast<size_t>(m * n_total), dt, 23);  // [m, n_total]
+  std::vector<double> dx_want(m * k), dx_scale(m * k);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t q = 0; q < k; ++q) {
+      double acc = 0, mag = 0;
+      for (int64_t j = 0; j < n_total; ++j) {
+        const double p = dy_full[i * n_total + j] * w_full[j * k + q];
+        acc += p;
+        mag += std::fabs(p);
+      }
+      dx_want[i * k + q] = acc;
+      dx_scale[i * k + q] = mag + std::fabs(acc);
+    }
+  const UniqueId id = make_unique_id();
+  const std::string tag = "n=" + std::to_string(n) + " m=" + std::to_string(m) + " n_out=" + std::to_string(n_total) +
+                          " k=" + std::to_string(k) + " " + dtype_name(dt);
+  on_every_rank(n, [&](int r) {
+    auto comm = Communicator::create(id, r, n, r, options("column-backward"));
+    const int64_t nr = n_of[r];
+    std::vector<double> w_r(nr * k), dy_r(m * nr);
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t q = 0; q < k; ++q) w_r[j * k + q] = w_full[(n_begin[r] + j) * k + q];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < nr; ++j) dy_r[i * nr + j] = dy_full[i * n_total + n_begin[r] + j];
+    std::vector<double> dw_want(nr * k), dw_scale(nr * k), db_want(nr), db_scale(nr);
+    for (int64_t j = 0; j < nr; ++j) {
+      double sacc = 0, smag = 0;
+      for (int64_t i = 0; i < m; ++i) sacc += dy_r[i * nr + j], smag += std::fabs(dy_r[i * nr + j]);
+      db_want[j] = sacc;
+      db_scale[j] = smag + std::fabs(sacc);
+      for (int64_t q = 0; q < k; ++q) {
+        double acc = 0, mag = 0;
+        for (int64_t i = 0; i < m; ++i) {
+          const double p = dy_r[i * nr + j] * x[i * k + q];
+          acc += p;
+          mag += std::fabs(p);
+        }
+        dw_want[j * k + q] = acc;
+        dw_scale[j * k + q] = mag + std::fabs(acc);
+      }
+    }
+    Device xd(r, x, dt), wd(r, w_r, dt), dyd(r, dy_r, dt);
+    Device dx(r, static_cast<size_t>(m * k), dt), dw(r, static_cast<size_t>(nr * k), dt), db(r, static_cast<size_t>(nr), dt);
+    Stream s(r);
+    DeviceBuffer ws = workspace(r);
+    LinearBackward a;
+    a.dy = dyd.buf.get();
+    a.x = xd.buf.get();
+    a.w = wd.buf.get();
+    a.dx = dx.buf.get();
+    a.dw = dw.buf.get();
+    a.db = db.buf.get();
+    a.m = m;
+    a.n = nr;
+    a.k = k;
+    a.dtype = dt;
+    {
+      DeviceGuard g(r);
+      linear_backward(comm.get(), a, Workspace{ws.get(), ws.bytes()}, s.get());
+    }
+    const std::string who = tag + " rank " + std::to_string(r);
+    expect_close(dx.read(m * k, dt, s.get()), dx_want, dx_scale, tolerance(dt), who + " dx (all-reduced)");
+    expect_close(dw.read(nr * k, dt, s.get()), dw_want, dw_scale, tolerance(dt), who + " dw");
+    expect_close(db.read(nr, dt, s.get()), db_want, db_scale, tolerance(dt), who + " db");
+    comm->destroy();
+  });
+}
+
+TEST(ColumnParallelBackwardGpu, DxAllReducedDwDbLocal) {
+  TPEXT_REQUIRE_GPUS(1);
+  const int n = std::min(visible_gpu_count(), 4);
+  column_backward_case(n, 256, 96, 64, DataType::kFloat32);
+  column_backward_case(n, 200, 130, 72, DataType::kBFloat16);
+}
+
+}  // namespace
+}  // namespace tpext::core
