@@ -36,7 +36,7 @@ if has tests; then
   echo "ctest rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -5
   grep -cE "^\[  SKIPPED \]" "$OUT/ctest.log" | sed 's/^/gtest skipped lines: /'
   stamp "ctest done"
-  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs ${PYTEST_PATHS:-tests} -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -3 "$OUT/pytest.log"; grep -E "^SKIPPED" "$OUT/pytest.log" | head -20
   stamp "pytest done"
 fi

@@ -14,6 +14,10 @@ failed, with its traceback. The first failure also shortens the deadline of the 
 waiting in a collective for the dead rank would otherwise block until the gloo timeout), and the
 whole launch has a hard wall-clock limit so a hang fails the test instead of blocking CI.
 
+A test of a dying rank names it in `killed`: that rank must end by SIGKILL (it may kill itself,
+os.kill(os.getpid(), signal.SIGKILL)); its death shortens nobody's deadline (the survivors are the
+ones under test: they must fail on their own, within their timeout) and its result is None.
+
 This file is also the children's entry point: `python _dist.py CHILD_SPEC`.
 """
 import faulthandler
@@ -57,9 +61,14 @@ def _tail(path: str, limit: int = 4000) -> str:
 
 
 def launch(body: Callable, world_size: int, args: Sequence[Any] = (), kwargs: Optional[dict] = None,
-           timeout_s: float = DEFAULT_TIMEOUT_S, extra_env: Optional[dict] = None) -> List[Any]:
+           timeout_s: float = DEFAULT_TIMEOUT_S, extra_env: Optional[dict] = None,
+           killed: Sequence[int] = ()) -> List[Any]:
     """Runs body(*args, **kwargs) on `world_size` ranks and returns the per-rank return values
-    (they must pickle). Raises LaunchError naming the failed ranks with their tracebacks."""
+    (they must pickle). Raises LaunchError naming the failed ranks with their tracebacks.
+    `killed`: ranks that must die by SIGKILL (their result is None); any other end of theirs fails."""
+    killed = sorted(set(killed))
+    if any(not 0 <= r < world_size for r in killed):
+        raise ValueError(f"launch: killed: expected ranks in [0, {world_size}), got {killed}")
     module = sys.modules[body.__module__]
     if body.__qualname__ != body.__name__ or getattr(module, body.__name__, None) is not body:
         raise TypeError(f"launch: body: expected a module-level function, got {body.__qualname__}")
@@ -91,22 +100,22 @@ def launch(body: Callable, world_size: int, args: Sequence[Any] = (), kwargs: Op
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=_REPO)
                 log.close()
                 procs.append(p)
-            timed_out = _wait(procs, timeout_s)
+            timed_out = _wait(procs, timeout_s, killed)
         finally:
             for p in procs:
                 if p.poll() is None:
                     _kill(p)
-        return _collect(procs, tmp, timed_out, timeout_s)
+        return _collect(procs, tmp, timed_out, timeout_s, killed)
 
 
-def _wait(procs, timeout_s: float) -> List[int]:
+def _wait(procs, timeout_s: float, killed: Sequence[int] = ()) -> List[int]:
     """Waits for every rank; returns the ranks killed for running past the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return []
-        if any(c not in (None, 0) for c in codes):
+        if any(c not in (None, 0) and not (r in killed and c == -signal.SIGKILL) for r, c in enumerate(codes)):
             deadline = min(deadline, time.monotonic() + GRACE_AFTER_FAILURE_S)
         if time.monotonic() >= deadline:
             late = [r for r, p in enumerate(procs) if p.poll() is None]
@@ -136,14 +145,24 @@ def _kill(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def _collect(procs, tmp: str, timed_out: List[int], timeout_s: float) -> List[Any]:
+def _collect(procs, tmp: str, timed_out: List[int], timeout_s: float, killed: Sequence[int] = ()) -> List[Any]:
     failures = []
     results = []
     for rank, p in enumerate(procs):
         err_path = os.path.join(tmp, f"rank{rank}.err")
         out_path = os.path.join(tmp, f"rank{rank}.out")
         log = _tail(os.path.join(tmp, f"rank{rank}.log"))
-        if rank in timed_out:
+        if rank in killed and rank not in timed_out:
+            if p.returncode == -signal.SIGKILL:
+                results.append(None)
+            else:
+                raised = ""
+                if os.path.exists(err_path):
+                    with open(err_path) as f:
+                        raised = f", after raising:\n{f.read()}"
+                failures.append(f"rank {rank}: expected to die by SIGKILL, ended with code {p.returncode}{raised}"
+                                f"{_log_block(log)}")
+        elif rank in timed_out:
             failures.append(f"rank {rank}: still running after the launch deadline, killed "
                             f"(hang?){_log_block(log)}")
         elif os.path.exists(err_path):

@@ -80,17 +80,19 @@ def native_bad_calls(group, device):
                       ValueError, r"divisible"))
     if torch.cuda.device_count() >= 2:
         # Every rank sees every GPU (torchrun does not hide them): one not its own is "the wrong one".
+        # The case names must not depend on the rank: check_native_errors seeds the next valid call's
+        # inputs from them, and every rank must draw the same.
         other = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
         cases += [
-            (f"input on {other}", lambda: torch.ops.tpext.all_reduce(torch.randn(4, device=other), h, "sum"),
+            ("input on another GPU", lambda: torch.ops.tpext.all_reduce(torch.randn(4, device=other), h, "sum"),
              ValueError, rf"cuda:{device.index}"),
-            (f"group.all_reduce of a tensor on {other}", lambda: group.all_reduce(torch.randn(4, device=other)),
+            ("group.all_reduce of a tensor on another GPU", lambda: group.all_reduce(torch.randn(4, device=other)),
              ValueError, rf"cuda:{device.index}"),
-            (f"group.all_gather of a tensor on {other}", lambda: group.all_gather(torch.randn(4, device=other)),
+            ("group.all_gather of a tensor on another GPU", lambda: group.all_gather(torch.randn(4, device=other)),
              ValueError, rf"cuda:{device.index}"),
-            (f"group.reduce_scatter of a tensor on {other}",
+            ("group.reduce_scatter of a tensor on another GPU",
              lambda: group.reduce_scatter(torch.randn(2 * n, device=other)), ValueError, rf"cuda:{device.index}"),
-            (f"group.broadcast of a tensor on {other}", lambda: group.broadcast(torch.randn(4, device=other), 0),
+            ("group.broadcast of a tensor on another GPU", lambda: group.broadcast(torch.randn(4, device=other), 0),
              ValueError, rf"cuda:{device.index}"),
         ]
     return cases

@@ -10,6 +10,8 @@ import torch  # noqa: F401  (loads libtorch, libnccl and cuBLAS before tpext._C 
 from . import _C  # noqa: F401
 from . import _fake_ops  # noqa: F401
 from .errors import CommDestroyed, CommTimeout, CudaError, NcclError, TpextError
+from . import debug
+from .debug import CollectiveMismatch
 from .groups import Group
 from .bootstrap import destroy, get_dp_group, get_tp_group, get_world_group, init, is_initialized
 from .partition import gather_shards, is_tensor_parallel, split_sizes
@@ -41,6 +43,7 @@ __all__ = [
     "CudaError",
     "CommTimeout",
     "CommDestroyed",
+    "CollectiveMismatch",
     "nccl_version",
     "ColumnParallelLinear",
     "RowParallelLinear",

@@ -221,7 +221,21 @@ def _sync_replicated_rows(param: nn.Parameter, dim: int, ranges_per_rank: Sequen
         group.all_reduce(total)
         return total.index_select(dim, idx)
 
-    param.register_hook(hook)
+    register_grad_hook(param, hook)
+
+
+def register_grad_hook(param: torch.Tensor, hook) -> None:
+    """param.register_hook(hook), also on a frozen parameter (torch refuses hooks on tensors that
+    do not require grad): the hook is what keeps the copies or partial gradients right once the
+    parameter is unfrozen, so it must be there from the start."""
+    frozen = not param.requires_grad
+    if frozen:
+        param.requires_grad_(True)
+    try:
+        param.register_hook(hook)
+    finally:
+        if frozen:
+            param.requires_grad_(False)
 
 
 # -- column / row layers with head-granular shards ----------------------------------------------

@@ -32,6 +32,12 @@ class _State:
 
 _state: Optional[_State] = None
 _generation = 0  # how many times this process called init(); equal on every rank, keys the Store
+# The env:// rendezvous store of the first init, ((MASTER_ADDR, MASTER_PORT, rank, world_size),
+# store), kept for the process's lifetime and shared by every later generation (each under its own
+# prefix). Were it dropped with the process group at destroy(), a rank that finished destroy() first
+# and called init() again could connect to rank 0's old TCPStore server just before rank 0's
+# destroy() closed it: that rank would fail ("Failed to recv") and rank 0 would wait for it in vain.
+_rendezvous = None
 
 
 def _seconds(timeout: Union[float, int, datetime.timedelta]) -> float:
@@ -41,8 +47,8 @@ def _seconds(timeout: Union[float, int, datetime.timedelta]) -> float:
         seconds = float(timeout)
     else:
         raise TypeError(f"init: timeout: expected seconds (a number) or a datetime.timedelta, got {type(timeout).__name__}")
-    if not seconds > 0:
-        raise ValueError(f"init: timeout: expected a positive duration, got {seconds} s")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"init: timeout: expected a positive, finite duration, got {seconds} s")
     return seconds
 
 
@@ -109,8 +115,7 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         else:
-            store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=td))
-            store.set_timeout(td)
+            store, rank, world_size = _env_store(rank, world_size, td)
             store = dist.PrefixStore(f"tpext/{_generation}", store)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=td)
         owns_default_pg = True
@@ -156,14 +161,28 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     _generation += 1
 
     _state = _State(
-        world=Group("world", list(range(world_size)), rank, world_gloo, world_h, device),
-        tp=Group("tp", tp_ranks, rank % tp_size, tp_gloo, tp_h, device),
-        dp=Group("dp", dp_ranks, rank // tp_size, dp_gloo, dp_h, device),
+        world=Group("world", list(range(world_size)), rank, world_gloo, world_h, device, timeout_s),
+        tp=Group("tp", tp_ranks, rank % tp_size, tp_gloo, tp_h, device, timeout_s),
+        dp=Group("dp", dp_ranks, rank // tp_size, dp_gloo, dp_h, device, timeout_s),
         owns_default_pg=owns_default_pg,
         gloo_groups=gloo_groups,
         nccl_handles=handles,
     )
     return _state.tp
+
+
+def _env_store(rank: int, world_size: int, td: datetime.timedelta):
+    """The env:// rendezvous store (TCPStore: rank 0 serves it), created once per process and
+    launch (MASTER_ADDR/MASTER_PORT, rank, world size) and reused by later generations."""
+    global _rendezvous
+    key = (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), rank, world_size)
+    if _rendezvous is not None and _rendezvous[0] == key:
+        store = _rendezvous[1]
+    else:
+        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=td))
+        _rendezvous = (key, store)
+    store.set_timeout(td)
+    return store, rank, world_size
 
 
 def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float) -> int:

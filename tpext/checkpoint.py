@@ -153,32 +153,50 @@ def gather_params(model: nn.Module, group: Optional[Group] = None, *, grads: boo
     """Inside the block every tensor-parallel parameter of `model` holds its full value (and, with
     grads=True, its full gradient), on every rank; on exit each is cut back to this rank's shard
     of its (possibly modified) full value. The Parameter objects stay the same, so optimizer
-    state keyed by them survives, and gradients come back as they were. Replicated KV heads'
-    gradients, already summed over the group, come back once. The tpext layers compute with
-    shards: run the model outside the block (inside, export or inspect)."""
+    state keyed by them survives, and gradients come back as they were (None where they were None;
+    with grads=False they are not touched at all). Replicated KV heads' gradients, already summed
+    over the group, come back once. The tpext layers compute with shards: run the model outside the
+    block (inside, export or inspect)."""
     what = "gather_params"
     _check_model(model, what)
     group = model_group(model, group, what)
     params = _unique_params(model)
     layouts = [layout_of(p) for p in params]
+    # Whether a gradient is gathered must not depend on this rank alone (the gather is collective):
+    # one all-reduce tells every rank which parameters have a gradient anywhere; a rank without one
+    # contributes zeros (and gets None back on exit).
+    had_grad = [p.grad is not None for p in params]
+    gather_grad = [False] * len(params)
+    if grads and params:
+        flags = torch.tensor(had_grad, dtype=torch.int32, device=group.device)
+        group.all_reduce(flags, "max")
+        gather_grad = [bool(f) for f in flags.tolist()]
     gathered = []
     try:
-        for p, layout in zip(params, layouts):
+        for i, (p, layout) in enumerate(zip(params, layouts)):
+            full_grad = None
             with torch.no_grad():
                 full = gather_full(p.data, layout, group)
-                full_grad = gather_full(p.grad, layout, group) if grads and p.grad is not None else None
-            gathered.append(p)
+                if gather_grad[i]:
+                    g = p.grad if had_grad[i] else torch.zeros_like(p.data)
+                    full_grad = gather_full(g, layout, group)
+            gathered.append(i)
             p.data = full
             if full_grad is not None:
                 p.grad = full_grad
         yield model
     finally:
-        for p, layout in zip(gathered, layouts):
+        for i in gathered:
+            p, layout = params[i], layouts[i]
             with torch.no_grad():
                 shard = take(p.data, layout, group.rank)
-                grad = take(p.grad, layout, group.rank) if p.grad is not None else None
+                grad = take(p.grad, layout, group.rank) if gather_grad[i] and p.grad is not None else None
+            if not gather_grad[i]:
+                p.data = shard  # its gradient (if any) was never gathered: it is still the shard's
+                continue
+            p.grad = None  # the full gradient does not fit the shard about to be set
             p.data = shard
-            if grad is not None or p.grad is not None:
+            if had_grad[i] and grad is not None:
                 p.grad = grad
 
 
@@ -195,13 +213,13 @@ def full_state_dict(model: nn.Module, group: Optional[Group] = None, *, rank0_on
     group = model_group(model, group, what)
     keep = group.rank == 0 or not rank0_only
     transposed = _transposed_keys(model)
-    done: Dict[int, torch.Tensor] = {}
+    done: Dict[int, Optional[torch.Tensor]] = {}  # tied tensors are gathered once
     out = {}
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) not in done:
             with torch.no_grad():
                 full = gather_full(t.detach(), layout_of(t), group)
-            done[id(t)] = full.to("cpu", copy=True) if keep else full
+            done[id(t)] = full.to("cpu", copy=True) if keep else None  # the others keep nothing
         if keep:
             full = done[id(t)]
             out[key] = full.t().contiguous() if key in transposed else full
@@ -237,7 +255,7 @@ def save_checkpoint(model: nn.Module, path: str, group: Optional[Group] = None) 
     for key, t in state.items():
         layout = layout_of(t)
         if id(t) not in copies:  # tied tensors: one copy, torch.save stores it once
-            copies[id(t)] = t.detach().to("cpu", copy=True).contiguous()
+            copies[id(t)] = t.detach().to("cpu", copy=True).contiguous() if writer else None
         tensors[key], layouts[key] = copies[id(t)], layout
         shape = list(t.shape)
         if layout["kind"] != "replicated":
@@ -295,8 +313,17 @@ def load_checkpoint(model: nn.Module, path: str, group: Optional[Group] = None, 
             continue
         done.add(id(t))
         entry = index["tensors"][key]
+        layout = layout_of(t)
+        model_full = list(t.shape)
+        if layout["kind"] != "replicated":
+            model_full[layout["dim"]] = _full_size(layout)
+        if list(entry["shape"]) != model_full:
+            # Checked before cutting: a larger saved tensor would otherwise give a shard of the
+            # model's shape and load silently truncated.
+            raise ValueError(f"{what}: {key}: the checkpoint's full shape {list(entry['shape'])} differs from the "
+                             f"model's {model_full}; was the model built from the same config?")
         full = assemble([f["tensors"][key] for f in files], entry["layout"])
-        mine = take(full, layout_of(t), group.rank)
+        mine = take(full, layout, group.rank)
         if tuple(mine.shape) != tuple(t.shape):
             raise ValueError(f"{what}: {key}: the checkpoint's full shape {entry['shape']} gives this rank a shard of "
                              f"{tuple(mine.shape)}, but the model holds {tuple(t.shape)}; was the model built from the "

@@ -16,9 +16,17 @@ What changes:
   projection a row-parallel one. The per-rank head counts the module reads (num_heads,
   num_key_value_groups, GPT-2's split_size, ...) are set to this rank's. Heads that do not divide
   split unevenly; fewer KV heads than ranks are replicated (see tpext.attention); a warning says so.
+  A plan that keeps an attention's activations whole (its projections "colwise_gather_output" and
+  the output "rowwise_split_input", as Olmo2's and Phi-3's plans do for their norms over all heads
+  or their sliced fused projections) is followed instead: the projections are split by features,
+  their outputs gathered, and the attention runs with all its heads on every rank.
 - The input embedding becomes a VocabParallelEmbedding and the output projection a ParallelLMHead
   gathering the logits (tied to the embedding when the model ties them).
-- Everything else (norms, position embeddings, biases of row layers) is replicated.
+- Everything else (norms, position embeddings, biases of row layers) is replicated. Weights
+  inside a head-split attention that act on each head (Qwen3's q_norm / k_norm) see only this
+  rank's heads: their gradients are summed over the TP group (transformers' style
+  "replicated_with_grad_allreduce", which tpext applies there whatever the plan says; outside
+  attention the activations are whole on every rank and the style means "replicate").
 
 The plan: for the families above tpext's own (convert_families.py), for others the model's
 tensor-parallel plan (config.base_model_tp_plan, the model's _tp_plan), and `plan` on top:
@@ -36,7 +44,7 @@ import torch
 from torch import nn
 
 from .attention import head_layout, head_parallel_column, head_parallel_row, out_ranges, qkv_ranges, describe_heads, \
-    is_uneven, kv_replicated
+    is_uneven, kv_replicated, register_grad_hook
 from .convert_families import FAMILY_PLANS, attention_rule, looks_like_attention, normalize_style
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .groups import Group
@@ -218,7 +226,8 @@ def parallelize(model: nn.Module, group: Optional[Group] = None, plan: Optional[
         if style in (None, "replicate"):
             continue
         parent = modules.get(name.rpartition(".")[0]) if "." in name else model
-        if parent is not None and looks_like_attention(parent) and attention_rule(parent) is None:
+        if parent is not None and looks_like_attention(parent) and attention_rule(parent) is None \
+                and not _whole_activation(style, opts):
             raise NotImplementedError(
                 f"{_WHAT}: {name}: its parent {type(parent).__name__} looks like attention, but tpext has no head rule "
                 f"for it (splitting it by features would split heads apart); pass plan={{'{name}': 'replicate'}} or "
@@ -245,19 +254,38 @@ def parallelize(model: nn.Module, group: Optional[Group] = None, plan: Optional[
     return model
 
 
+def _whole_activation(style: Optional[str], opts: dict) -> bool:
+    """A layer split by features whose activations stay whole on every rank: a column layer that
+    gathers its output, or a row layer that takes the full input (transformers'
+    colwise_gather_output / colwise_rep and rowwise_split_input / rowwise_rep)."""
+    return (style == "column" and bool(opts.get("gather_output"))) or \
+        (style == "row" and not opts.get("input_is_parallel", True))
+
+
+def _keeps_whole(proj, out_style, out_opts) -> bool:
+    """The plan keeps an attention's activations whole (Olmo2's and Phi-3's plans, whose norms or
+    slicing need all heads' features): the projections are split by features, gathered, and the
+    attention itself runs on every rank with all its heads; no head bookkeeping."""
+    return all(_whole_activation(s, o) for s, o in proj) and _whole_activation(out_style, out_opts)
+
+
 def _convert_attention(model, name, module, rule, styles, group, info, handled, layouts_seen) -> None:
     prefix = f"{name}." if name else ""
-    proj_styles = [styles.style(prefix + c)[0] for c in rule.projections]
-    out_style = styles.style(prefix + rule.out)[0]
+    proj = [styles.style(prefix + c)[:2] for c in rule.projections]
+    proj_styles = [s for s, _ in proj]
+    out_style, out_opts, _ = styles.style(prefix + rule.out)
     if all(s in (None, "replicate") for s in proj_styles) and out_style in (None, "replicate"):
         handled.update(prefix + c for c in rule.projections + (rule.out,))
         return
+    if _keeps_whole(proj, out_style, out_opts):
+        return  # split by features in the linear pass below; the attention computes on whole heads
     if any(s != "column" for s in proj_styles) or out_style != "row":
         got = ", ".join(f"{c}={s!r}" for c, s in zip(rule.projections + (rule.out,), proj_styles + [out_style]))
         raise ValueError(f"{_WHAT}: plan: attention {name} ({type(module).__name__}) is split by heads as a whole: its "
                          f"projections {', '.join(rule.projections)} must all be 'column' and {rule.out} 'row' (or all "
                          f"'replicate'), got {got}")
     num_heads, num_kv, head_dim = rule.heads(module, rule.projections)
+    per_head = _per_head_params(name, module, rule, head_dim)  # checked before anything changes
     layout = head_layout(num_heads, num_kv, group.size)
     ranges = qkv_ranges(layout, num_heads, num_kv, head_dim, rule.fused)
     ranges = ranges if rule.fused == "separate" else (ranges,)
@@ -273,6 +301,10 @@ def _convert_attention(model, name, module, rule, styles, group, info, handled, 
     _finish(new, old)
     setattr(module, rule.out, new)
     rule.patch(module, layout[group.rank], head_dim)
+    for p in per_head:
+        mark_replicated(p)
+        p.tpext_grad_allreduce = True
+        register_grad_hook(p, lambda g, group=group: group.all_reduce(g.contiguous().clone()))
     handled.update(prefix + c for c in rule.projections + (rule.out,))
     layouts_seen[(num_heads, num_kv)] = layout
     mine = layout[group.rank]
@@ -280,6 +312,29 @@ def _convert_attention(model, name, module, rule, styles, group, info, handled, 
     for c in rule.projections:
         info["modules"][prefix + c] = "column"
     info["modules"][prefix + rule.out] = "row"
+
+
+def _per_head_params(name: str, module: nn.Module, rule, head_dim: int) -> list:
+    """Parameters of a head-split attention other than its projections (Qwen3's q_norm / k_norm:
+    one [head_dim] weight applied to every head). They stay replicated, but each rank applies them
+    to its own heads only, so its gradient is partial: the caller hooks them to sum it over the TP
+    group, as transformers' "replicated_with_grad_allreduce" does. (Copies of a replicated KV head
+    each see a part of the query heads, so summing over the ranks counts every query head once.) A
+    parameter of any other shape there cannot be told apart from a per-head one (e.g. a norm over
+    all heads' features, which would need the whole projection): refused rather than computed wrong."""
+    projections = set(rule.projections) | {rule.out}
+    out = []
+    for pname, p in module.named_parameters():
+        if pname.split(".")[0] in projections:
+            continue
+        if p.dim() != 1 or p.shape[0] != head_dim:
+            raise NotImplementedError(
+                f"{_WHAT}: {name}.{pname}: a parameter of shape {tuple(p.shape)} inside attention {name} "
+                f"({type(module).__name__}), which is split by heads; tpext knows per-head weights of shape "
+                f"({head_dim},) (head_dim) only. Pass a plan replicating the attention's projections, or convert it "
+                f"by hand")
+        out.append(p)
+    return out
 
 
 def _finish(new: nn.Module, old: nn.Module) -> None:

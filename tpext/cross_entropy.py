@@ -46,10 +46,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = (sum_exp.log() - target_logit) * valid
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), mine, local_target, valid)
         ctx.logits_dtype = logits.dtype
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.consumed:
+            raise RuntimeError("vocab_parallel_cross_entropy: backward ran a second time through the same loss "
+                               "(retain_graph=True): the softmax saved for it became the first backward's gradient "
+                               "(in place, to keep one logits-sized buffer); compute the loss again instead")
+        ctx.consumed = True
         softmax, mine, local_target, valid = ctx.saved_tensors
         grad = softmax  # saved for this single backward; reused in place
         if grad.shape[-1] > 0:

@@ -77,7 +77,7 @@ class VocabParallelEmbedding(nn.Module):
         device = layer.group.device if layer.group._nccl is not None else embedding.weight.device
         with torch.no_grad():
             w = embedding.weight.detach()[layer.vocab_start:layer.vocab_end].to(device, copy=True)
-        layer.weight = nn.Parameter(w)
+        layer.weight = nn.Parameter(w, requires_grad=embedding.weight.requires_grad)  # frozen stays frozen
         mark_tensor_parallel(layer.weight, 0, layer.partition_sizes)
         return layer
 
@@ -93,8 +93,11 @@ class VocabParallelEmbedding(nn.Module):
             raise IndexError(f"{what}: input: expected token ids in [0, {self.num_embeddings}), got values in "
                              f"[{int(input.min())}, {int(input.max())}]")
         mine = (input >= self.vocab_start) & (input < self.vocab_end)
-        if self.weight.shape[0] == 0:  # more ranks than tokens: nothing to look up here
-            partial = self.weight.new_zeros(*input.shape, self.embedding_dim)
+        if self.weight.shape[0] == 0:
+            # More ranks than tokens: nothing to look up here. Zeros computed from the (empty) weight,
+            # so the output requires grad exactly where the other ranks' does (their backward must
+            # not wait on this one) and the weight gets its (empty) gradient like every other rank's.
+            partial = self.weight.new_zeros(*input.shape, 0) @ self.weight
         else:
             local = torch.where(mine, input - self.vocab_start, torch.zeros_like(input))
             pad = self.padding_idx
@@ -166,10 +169,12 @@ class ParallelLMHead(ColumnParallelLinear):
         device = head.group.device if head.group._nccl is not None else linear.weight.device
         rank, size = head.group.rank, head.group.size
         with torch.no_grad():
-            w = head.weight if tied_to is not None else nn.Parameter(shard(linear.weight.detach(), 0, rank, size).to(device))
+            w = head.weight if tied_to is not None else nn.Parameter(
+                shard(linear.weight.detach(), 0, rank, size).to(device), requires_grad=linear.weight.requires_grad)
             b = shard(linear.bias.detach(), 0, rank, size).to(device) if linear.bias is not None else None
         head.weight = w
-        head.bias = nn.Parameter(b) if b is not None else None
+        # A frozen full layer gives frozen shards, as ColumnParallelLinear.from_linear does.
+        head.bias = nn.Parameter(b, requires_grad=linear.bias.requires_grad) if b is not None else None
         head._mark()
         return head
 

@@ -9,7 +9,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import _C
+from . import _C, debug
+from ._C import CommTimeout, TpextError
+from .errors import call_native
 
 REDUCE_OPS = ("sum", "prod", "max", "min", "avg")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -29,7 +31,7 @@ class Group:
     """Ranks `ranks` (global ranks, in group-rank order); this process is group rank `rank`."""
 
     def __init__(self, name: str, ranks: List[int], rank: int, gloo: Optional[dist.ProcessGroup],
-                 nccl: Optional[int], device: Optional[torch.device]):
+                 nccl: Optional[int], device: Optional[torch.device], timeout_s: float = 600.0):
         self.name = name
         self.ranks = list(ranks)
         self.rank = rank
@@ -39,19 +41,28 @@ class Group:
         self._gloo = gloo
         self._nccl = nccl
         self._alive = True
+        self._timeout_s = timeout_s
+        # Set when a gloo call of this group failed (timeout, peer gone): (exception type, message).
+        # The gloo process group is then in an undefined state, so every later CPU call raises it.
+        self._failure = None
         self._gloo_stats = {k: {"calls": 0, "bytes": 0} for k in COLLECTIVES}
 
     def __repr__(self) -> str:
         state = "" if self._alive else ", destroyed"
         return f"Group({self.name!r}, rank={self.rank}, size={self.size}, ranks={self.ranks}{state})"
 
+    def describe(self) -> str:
+        """For error messages: "group 'tp' (rank 0 of 2, global ranks [0, 1])"."""
+        return f"group {self.name!r} (rank {self.rank} of {self.size}, global ranks {self.ranks})"
+
     # -- collectives -----------------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduces `tensor` over the group in place and returns it."""
         self._check("all_reduce", tensor, op=op)
+        self._agree("all_reduce", tensor, reduce_op=op)
         if tensor.is_cuda:
-            torch.ops.tpext.all_reduce_(tensor, self._nccl, op)
+            call_native(torch.ops.tpext.all_reduce_, tensor, self._nccl, op)
             return tensor
         self._count("all_reduce", tensor.numel() * tensor.element_size())
         self._gloo_all_reduce(tensor, op)
@@ -60,11 +71,12 @@ class Group:
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenation of every rank's `tensor` along `dim`, in group-rank order."""
         self._check("all_gather", tensor, dim=dim)
+        self._agree("all_gather", tensor, dim=dim % tensor.dim())
         if tensor.is_cuda:
-            return torch.ops.tpext.all_gather(tensor, self._nccl, dim, self.size)
+            return call_native(torch.ops.tpext.all_gather, tensor, self._nccl, dim, self.size)
         self._count("all_gather", tensor.numel() * tensor.element_size())
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor, group=self._gloo)
+        self._gloo_run("all_gather", lambda: dist.all_gather(parts, tensor, group=self._gloo))
         return torch.cat(parts, dim=dim)
 
     def reduce_scatter(self, tensor: torch.Tensor, op: str = "sum", dim: int = 0) -> torch.Tensor:
@@ -75,8 +87,9 @@ class Group:
             raise ValueError(
                 f"reduce_scatter: input: expected size {tensor.shape[d]} along dim {d} to be divisible by "
                 f"the group size {self.size}")
+        self._agree("reduce_scatter", tensor, reduce_op=op, dim=d)
         if tensor.is_cuda:
-            return torch.ops.tpext.reduce_scatter(tensor, self._nccl, op, dim, self.size)
+            return call_native(torch.ops.tpext.reduce_scatter, tensor, self._nccl, op, dim, self.size)
         self._count("reduce_scatter", tensor.numel() * tensor.element_size())
         # gloo has no reduce-scatter on every torch version; reducing all and keeping our chunk gives
         # the same values.
@@ -89,11 +102,12 @@ class Group:
         self._check("broadcast", tensor)
         if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < self.size:
             raise ValueError(f"broadcast: src: expected a group rank in [0, {self.size}), got {src!r}")
+        self._agree("broadcast", tensor, extra=src)
         if tensor.is_cuda:
-            torch.ops.tpext.broadcast_(tensor, self._nccl, src)
+            call_native(torch.ops.tpext.broadcast_, tensor, self._nccl, src)
             return tensor
         self._count("broadcast", tensor.numel() * tensor.element_size())
-        dist.broadcast(tensor, src=self.ranks[src], group=self._gloo)
+        self._gloo_run("broadcast", lambda: dist.broadcast(tensor, src=self.ranks[src], group=self._gloo))
         return tensor
 
     # -- statistics ------------------------------------------------------------------------------
@@ -137,9 +151,15 @@ class Group:
                 raise ValueError(
                     f"{what}: tensor: expected a CPU tensor (tpext was initialised without NCCL, "
                     f"backend='gloo'), got one on {tensor.device}")
-            return  # the native op checks device, dtype and contiguity
-        if tensor.device.type != "cpu":
+            # The native op checks these too; checking here gives the same words on both paths.
+            if tensor.device != self.device:
+                raise ValueError(f"{what}: tensor: expected a tensor on {self.device} (the GPU of {self.describe()}), "
+                                 f"got one on {tensor.device}")
+        elif tensor.device.type != "cpu":
             raise ValueError(f"{what}: tensor: expected a CPU or CUDA tensor, got one on {tensor.device}")
+        elif self._failure is not None:
+            cls, message = self._failure
+            raise cls(f"tpext: {what}: {self.describe()} is unusable after an earlier failure: {message}")
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"{what}: tensor: expected dtype float32, float64, float16, bfloat16, int8, uint8, int32 or "
@@ -153,10 +173,58 @@ class Group:
 
     def _gloo_all_reduce(self, tensor: torch.Tensor, op: str) -> None:
         if op == "avg":
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._gloo)
+            self._gloo_run("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._gloo))
             tensor.div_(self.size)
         else:
-            dist.all_reduce(tensor, op=_GLOO_OPS[op], group=self._gloo)
+            self._gloo_run("all_reduce", lambda: dist.all_reduce(tensor, op=_GLOO_OPS[op], group=self._gloo))
+
+    def _agree(self, what: str, tensor: torch.Tensor, reduce_op: Optional[str] = None, dim: Optional[int] = None,
+               extra: Optional[int] = None) -> None:
+        """The cross-rank check of debug.py: always on the gloo path (gloo aborts the process on
+        a size mismatch), on the NCCL path with TPEXT_DEBUG=1."""
+        if tensor.is_cuda and not debug._enabled:
+            return
+        debug.check(self, what, tuple(tensor.shape), tensor.dtype, tensor.device.type, reduce_op, dim, extra)
+
+    def _exchange_records(self, record: torch.Tensor, what: str) -> List[List[int]]:
+        """Every group rank's `record` (a small int64 CPU tensor, the same size everywhere), in
+        group-rank order, over the gloo process group; not counted in stats()."""
+        if self._failure is not None:
+            cls, message = self._failure
+            raise cls(f"tpext: {what}: {self.describe()} is unusable after an earlier failure: {message}")
+        out = [torch.empty_like(record) for _ in range(self.size)]
+        self._gloo_run(what, lambda: dist.all_gather(out, record, group=self._gloo))
+        return [o.tolist() for o in out]
+
+    def _gloo_run(self, what: str, fn):
+        """Runs a gloo call; its failure (the group's timeout, a peer that died or left) becomes a
+        tpext exception naming this group, and the group is marked unusable."""
+        try:
+            return fn()
+        except RuntimeError as e:
+            raise self._gloo_failed(what, e) from e
+
+    def _gloo_failed(self, what: str, error: BaseException) -> BaseException:
+        said = " ".join(str(error).split())
+        if len(said) > 400:
+            said = said[:400] + "..."
+        lowered = said.lower()
+        where = f"{what} on {self.describe()} (gloo, CPU tensors)"
+        if "timed out" in lowered or "timeout" in lowered:
+            cls = CommTimeout
+            message = (f"tpext timeout: {where} did not complete within the {self._timeout_s:g} s timeout "
+                       f"(tpext.init(timeout=...)): a peer rank may have died or stopped, or the ranks called "
+                       f"different collectives. gloo said: {said}")
+        elif any(k in lowered for k in ("connection", "closed", "reset by peer", "broken pipe", "read error",
+                                         "write error", "socket")):
+            cls = TpextError
+            message = (f"tpext: {where} failed: a peer rank closed its connection (it died, was killed, or left "
+                       f"the collective). gloo said: {said}")
+        else:
+            cls = TpextError
+            message = f"tpext: {where} failed: {said}"
+        self._failure = (cls, message)
+        return cls(message + "; call tpext.destroy() and tpext.init() again")
 
     def _count(self, kind: str, nbytes: int) -> None:
         self._gloo_stats[kind]["calls"] += 1

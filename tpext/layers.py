@@ -45,7 +45,11 @@ def _resolve_device(what: str, device, group: Group) -> torch.device:
     the group's GPU: the native ops run on that communicator."""
     if device is None:
         return group.device
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what}: device: expected a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
     if device.type == "cuda":
         if group._nccl is None:
             raise ValueError(f"{what}: device: expected cpu (or meta): {group} has no NCCL communicator "

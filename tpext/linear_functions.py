@@ -21,6 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import debug
+from .errors import call_native
+
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,7 +53,7 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, group, activation, native):
         if native:
-            out, pre = torch.ops.tpext.linear(input, weight, bias, activation)
+            out, pre = call_native(torch.ops.tpext.linear, input, weight, bias, activation)
         else:
             pre = F.linear(input, weight, bias)
             out = F.gelu(pre, approximate="tanh") if activation == "gelu" else pre
@@ -73,10 +76,13 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
             # The bias gradient rides on the weight-gradient GEMM's epilogue.
             want_w = need_w or need_b
             if need_x:
-                dx, dw, db = torch.ops.tpext.column_parallel_backward(grad, input, weight, need_b, want_w,
-                                                                      ctx.group._nccl)
+                if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce dx of one shape
+                    debug.check(ctx.group, "column_parallel_backward", tuple(input.shape), grad.dtype, "cuda",
+                                reduce_op="sum")
+                dx, dw, db = call_native(torch.ops.tpext.column_parallel_backward, grad, input, weight, need_b,
+                                         want_w, ctx.group._nccl)
             elif want_w:
-                _, dw, db = torch.ops.tpext.linear_backward(grad, input, weight, need_b, False, True)
+                _, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, False, True)
         else:
             if need_x:
                 dx = ctx.group.all_reduce(grad.matmul(weight))
@@ -93,7 +99,10 @@ class RowParallelLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, group, chunks, native):
         if native:
-            out = torch.ops.tpext.row_parallel_linear(input, weight, bias, group._nccl, chunks)
+            if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce outputs of one shape
+                debug.check(group, "row_parallel_linear", tuple(input.shape[:-1]) + (weight.shape[0],), input.dtype,
+                            "cuda", reduce_op="sum", extra=chunks)
+            out = call_native(torch.ops.tpext.row_parallel_linear, input, weight, bias, group._nccl, chunks)
         else:
             out = group.all_reduce(F.linear(input, weight))
             if bias is not None:
@@ -111,7 +120,8 @@ class RowParallelLinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if ctx.native:
             if need_x or need_w or need_b:
-                dx, dw, db = torch.ops.tpext.linear_backward(grad, input, weight, need_b, need_x, need_w or need_b)
+                dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, need_x,
+                                         need_w or need_b)
         else:
             if need_x:
                 dx = grad.matmul(weight)

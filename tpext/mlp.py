@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .groups import Group
-from .layers import ColumnParallelLinear, RowParallelLinear, _check_linear, _positive_int, _target_device
+from .layers import (ColumnParallelLinear, RowParallelLinear, _check_input, _check_linear, _positive_int,
+                     _target_device)
 from .mappings import resolve_group
 
 _ACTIVATIONS = ("gelu", "swiglu")
@@ -60,6 +61,8 @@ class ParallelMLP(nn.Module):
         return self.linear_fc1.group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The MLP's own words for a wrong input (fc1 would name itself and its in_features).
+        _check_input(type(self).__name__, input, self.linear_fc1.weight, self.hidden, "hidden", self.group)
         h = self.linear_fc1(input)
         if self.activation == "swiglu":
             n = h.shape[-1] // 2  # this rank's slice of gate, then of up (chunk() fails on an empty shard)

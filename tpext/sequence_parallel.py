@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ParallelAttention
+from .attention import ParallelAttention, register_grad_hook
 from .groups import Group
 from .layers import _positive_int
 from .mappings import resolve_group
@@ -148,7 +148,7 @@ def sync_sequence_parallel_grads(module: nn.Module, group: Group) -> None:
     for p in module.parameters():
         mark_replicated(p)
         p.sequence_parallel = True
-        p.register_hook(lambda g, group=group: group.all_reduce(g.contiguous().clone()))
+        register_grad_hook(p, lambda g, group=group: group.all_reduce(g.contiguous().clone()))
 
 
 def mlp_forward(mlp: ParallelMLP, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
