@@ -23,6 +23,7 @@ heads that do not divide (6 on 4, 5 on 2, 3 and 4), fewer KV heads than ranks (2
 
 The checks take the device; test_models_gpu.py runs them through NCCL.
 """
+import copy
 import datetime
 import fnmatch
 import math
@@ -429,7 +430,36 @@ def check_bf16(group, device, tag, families=("llama", "gpt2")):
         check_family(group, device, tag, family, dtype=torch.bfloat16, generate=False, train=False)
 
 
+def check_backward_collectives(group, device, tag):
+    """Megatron's count on a converted Qwen2 (heads and KV heads divide TP 2): q/k/v share one
+    all-reduce of their input gradient, gate/up another, so the backward of a step runs 2 per
+    layer plus the LM head's, not one per column layer (5 per layer)."""
+    if group.size != 2:
+        return
+    what = f"{tag}/qwen2/backward collectives"
+    ref = build("qwen2", device)
+    randomize(ref, what)
+    model = convert(copy.deepcopy(ref), group)
+    layers = ref.config.num_hidden_layers
+    shared = model.tpext_info["shared_input_grad_reduce"]
+    assert len(shared) == 2 * layers, f"{what}: expected every attention and MLP to share its input reduction, " \
+                                      f"got {shared}"
+    ids = token_ids(f"{what}/ids", ref.config.vocab_size).to(device)
+    loss = model(input_ids=ids, labels=ids).loss
+    tpext.reset_stats(group)
+    loss.backward()
+    calls = {k: v["calls"] for k, v in tpext.stats(group).items() if v["calls"]}
+    assert calls == {"all_reduce": 2 * layers + 1}, f"{what}: backward ran {calls}, expected {2 * layers + 1} " \
+                                                    f"all-reduces (2 per layer + the LM head's)"
+    ref(input_ids=ids, labels=ids).loss.backward()
+    grads = full_grads(model, group)
+    for n, p in ref.named_parameters():
+        assert_rel(grads[n], p.grad, GRAD_RTOL, f"{what}: gradient of {n} (gathered)",
+                   atol=GRAD_FLOOR * max(q.grad.abs().max().item() for q in ref.parameters()))
+
+
 def run_all(group, device, tag, families=FAMILY_NAMES):
+    check_backward_collectives(group, device, tag)
     for family in families:
         check_family(group, device, tag, family, optimizer="adamw" if family == "llama" else "sgd")
     for family in WHOLE_ATTENTION_FAMILIES:

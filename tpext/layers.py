@@ -129,11 +129,14 @@ class ColumnParallelLinear(nn.Module):
         (SwiGLU's gate and up, stride 2): each is split across the ranks separately, and a rank's
         output is its slice of the first, then its slice of the second... Initialised as
         `stride` nn.Linear(in_features, out_features // stride) built in order.
+    disable_grad_reduce: dX is not all-reduced here (megatron-core's flag of that name): several
+        column layers reading one input share a single all-reduce, done by a
+        copy_to_tensor_parallel_region the caller puts in front of all of them.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  group: Optional[Group] = None, device=None, dtype=None, *, activation: Optional[str] = None,
-                 stride: int = 1):
+                 stride: int = 1, disable_grad_reduce: bool = False):
         super().__init__()
         what = type(self).__name__
         self.in_features = _positive_int(what, "in_features", in_features)
@@ -148,6 +151,7 @@ class ColumnParallelLinear(nn.Module):
                              f"got stride {stride}")
         self.group = resolve_group(group, what)
         self.gather_output = bool(gather_output)
+        self.disable_grad_reduce = bool(disable_grad_reduce)
         self.activation = activation
         self.stride = stride
         self.partition_sizes = tuple(split_sizes(out_features // stride, self.group.size))
@@ -216,7 +220,8 @@ class ColumnParallelLinear(nn.Module):
         _check_input(type(self).__name__, input, self.weight, self.in_features, "in_features", self.group)
         out = ColumnParallelLinearFunction.apply(input, self.weight, self.bias, self.group,
                                                  self.activation or "none",
-                                                 use_native(input, self._every_shard_nonempty))
+                                                 use_native(input, self._every_shard_nonempty),
+                                                 not getattr(self, "disable_grad_reduce", False))
         if self.gather_output:
             out = _GatherFromRegion.apply(out, self.group, self.partition_sizes)
         return out

@@ -47,11 +47,13 @@ def _torch_weight_grads(grad, input, need_w, need_b):
 
 
 class ColumnParallelLinearFunction(torch.autograd.Function):
-    """apply(input, weight, bias, group, activation: 'none' | 'gelu', native) -> this rank's
-    output shard. The copy-to-region crossing is fused in: the backward all-reduces dx."""
+    """apply(input, weight, bias, group, activation: 'none' | 'gelu', native, reduce_grad=True)
+    -> this rank's output shard. The copy-to-region crossing is fused in: the backward
+    all-reduces dx, unless reduce_grad is False (the caller's copy_to_tensor_parallel_region does
+    it once for several layers reading the same input)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, group, activation, native):
+    def forward(ctx, input, weight, bias, group, activation, native, reduce_grad=True):
         if native:
             out, pre = call_native(torch.ops.tpext.linear, input, weight, bias, activation)
         else:
@@ -61,7 +63,7 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(input if (need_w or native) else None,
                               weight if (need_x or native) else None,
                               pre if activation == "gelu" else None)
-        ctx.group, ctx.activation, ctx.native = group, activation, native
+        ctx.group, ctx.activation, ctx.native, ctx.reduce_grad = group, activation, native, reduce_grad
         return out
 
     @staticmethod
@@ -75,7 +77,9 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
         if ctx.native:
             # The bias gradient rides on the weight-gradient GEMM's epilogue.
             want_w = need_w or need_b
-            if need_x:
+            if need_x and not ctx.reduce_grad:
+                dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, True, want_w)
+            elif need_x:
                 if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce dx of one shape
                     debug.check(ctx.group, "column_parallel_backward", tuple(input.shape), grad.dtype, "cuda",
                                 reduce_op="sum")
@@ -85,9 +89,11 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
                 _, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, False, True)
         else:
             if need_x:
-                dx = ctx.group.all_reduce(grad.matmul(weight))
+                dx = grad.matmul(weight)
+                if ctx.reduce_grad:
+                    dx = ctx.group.all_reduce(dx)
             dw, db = _torch_weight_grads(grad, input, need_w, need_b)
-        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None)
 
 
 class RowParallelLinearFunction(torch.autograd.Function):
