@@ -1,5 +1,7 @@
 """Exception types. The native ones come from tpext._C; every one subclasses RuntimeError, except
 bad arguments, which raise ValueError (or TypeError) naming the argument."""
+import torch
+
 from ._C import CommDestroyed, CommTimeout, CudaError, InvalidArgument, NcclError, TpextError
 
 __all__ = ["TpextError", "NcclError", "CudaError", "CommTimeout", "CommDestroyed", "InvalidArgument"]
@@ -32,8 +34,6 @@ def native_error(error: BaseException):
 def call_native(op, *args):
     """op(*args) for a tpext torch op, its core errors raised as their tpext types. Under
     torch.compile tracing the op is called as is (the trace never runs it)."""
-    import torch
-
     if torch.compiler.is_compiling():
         return op(*args)
     try:

@@ -117,6 +117,17 @@ def _target_device(what: str, group: Group, linear: nn.Linear, name: str = "line
 # -- the layers ----------------------------------------------------------------------------------
 
 
+def _set_parameters(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    like: Optional[nn.Linear]) -> None:
+    """New parameters for a TP `layer`, marked by its _mark(); frozen where those of `like` (the
+    full layer they come from) are."""
+    layer.weight = nn.Parameter(weight, requires_grad=like is None or like.weight.requires_grad)
+    layer.bias = None
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=like is None or like.bias.requires_grad)
+    layer._mark()
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = act(X W^T + b) with W (and b) split along out_features: rank r computes its slice of the
     output features; no communication forward, dX is all-reduced over the group backward.
@@ -195,12 +206,7 @@ class ColumnParallelLinear(nn.Module):
 
     def _set_parameters(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         like: Optional[nn.Linear] = None) -> None:
-        """New parameters, marked; frozen where those of `like` (the full layer they come from) are."""
-        self.weight = nn.Parameter(weight, requires_grad=like is None or like.weight.requires_grad)
-        self.bias = None
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=like is None or like.bias.requires_grad)
-        self._mark()
+        _set_parameters(self, weight, bias, like)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Optional[Group] = None, *, gather_output: bool = False,
@@ -290,12 +296,7 @@ class RowParallelLinear(nn.Module):
 
     def _set_parameters(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         like: Optional[nn.Linear] = None) -> None:
-        """New parameters, marked; frozen where those of `like` (the full layer they come from) are."""
-        self.weight = nn.Parameter(weight, requires_grad=like is None or like.weight.requires_grad)
-        self.bias = None
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=like is None or like.bias.requires_grad)
-        self._mark()
+        _set_parameters(self, weight, bias, like)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Optional[Group] = None, *, input_is_parallel: bool = True,

@@ -63,11 +63,15 @@ class ParallelMLP(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The MLP's own words for a wrong input (fc1 would name itself and its in_features).
         _check_input(type(self).__name__, input, self.linear_fc1.weight, self.hidden, "hidden", self.group)
-        h = self.linear_fc1(input)
+        return self.linear_fc2(self.activate(self.linear_fc1(input)))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation between fc1 and fc2 on this rank's slice: GELU is already in fc1's
+        epilogue; SwiGLU combines this rank's slices of gate and up."""
         if self.activation == "swiglu":
             n = h.shape[-1] // 2  # this rank's slice of gate, then of up (chunk() fails on an empty shard)
             h = F.silu(h[..., :n]) * h[..., n:]
-        return self.linear_fc2(h)
+        return h
 
     @classmethod
     def from_linears(cls, linears: Sequence[nn.Linear], activation: str = "gelu", group: Optional[Group] = None,

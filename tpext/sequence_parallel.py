@@ -162,10 +162,8 @@ def mlp_forward(mlp: ParallelMLP, x: torch.Tensor, sequence_parallel: bool) -> t
     # column layer's own backward all-reduce would do a second time.
     h = F.linear(full, fc1.weight, fc1.bias)
     if mlp.activation == "gelu":
-        h = F.gelu(h, approximate="tanh")
-    else:
-        n = h.shape[-1] // 2  # this rank's slice of gate, then of up (ParallelMLP's stride-2 layout)
-        h = F.silu(h[..., :n]) * h[..., n:]
+        h = F.gelu(h, approximate="tanh")  # in fc1's epilogue on ParallelMLP's own path
+    h = mlp.activate(h)
     out = reduce_scatter_to_sequence_parallel_region(F.linear(h, fc2.weight), group)
     return add_sequence_parallel_bias(out, fc2.bias, group)
 

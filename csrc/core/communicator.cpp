@@ -400,8 +400,7 @@ void Communicator::enqueue(const Collective& c) {
   const char* what = collective_name(c.kind);
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   require_alive(what);
-  last_what_ = what;
-  validate(c, size_, describe());
+  last_what_ = what;  // validated by the caller (run, run_grouped) before any fence
   const int k = static_cast<int>(c.kind);
   calls_[k].fetch_add(1, std::memory_order_relaxed);
   bytes_[k].fetch_add(input_bytes(c, size_), std::memory_order_relaxed);

@@ -66,4 +66,10 @@ inline void check_cuda(cudaError_t result, const char* call, const std::string& 
 }  // namespace tpext::core
 
 #define TPEXT_CUDA_CHECK(expr) ::tpext::core::check_cuda((expr), #expr)
-#define TPEXT_CUDA_CHECK_CTX(expr, ctx) ::tpext::core::check_cuda((expr), #expr, (ctx))
+// `ctx` (often a describe() that builds a string) is evaluated only when the call failed: these
+// checks sit on the per-collective path.
+#define TPEXT_CUDA_CHECK_CTX(expr, ctx)                                  \
+  do {                                                                   \
+    const cudaError_t tpext_r_ = (expr);                                 \
+    if (tpext_r_ != cudaSuccess) ::tpext::core::check_cuda(tpext_r_, #expr, (ctx)); \
+  } while (0)

@@ -12,9 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -24,6 +27,26 @@
 #include "gpu_test_util.h"
 
 namespace tpext::testing {
+
+// Runs body(rank) on one thread per rank and reports what any of them threw. NCCL allows one
+// thread per rank without a group; Communicator::create and split need it, since they wait for
+// every rank.
+inline void on_every_rank(int n, const std::function<void(int)>& body) {
+  std::vector<std::string> errors(n);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(r);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < n; ++r)
+    if (!errors[r].empty()) ADD_FAILURE() << "rank " << r << " threw: " << errors[r];
+}
 
 using core::DataType;
 

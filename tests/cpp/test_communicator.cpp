@@ -34,6 +34,7 @@ using tpext::testing::CollectiveCase;
 using tpext::testing::DeviceBuffer;
 using tpext::testing::PinnedBuffer;
 using tpext::testing::RankBuffers;
+using tpext::testing::on_every_rank;
 using tpext::testing::Stream;
 using tpext::testing::visible_gpu_count;
 
@@ -230,24 +231,6 @@ void call_named(Communicator& comm, const Collective& c, cudaStream_t caller) {
   }
 }
 
-// Runs body(rank) on one thread per rank and reports what any of them threw. NCCL allows one
-// thread per rank without a group; Communicator::split needs it, since it waits per call.
-void on_every_rank(int n, const std::function<void(int)>& body) {
-  std::vector<std::string> errors(n);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < n; ++r)
-    if (!errors[r].empty()) ADD_FAILURE() << "rank " << r << " threw: " << errors[r];
-}
 
 // =============================================================================================
 // A communicator of one rank

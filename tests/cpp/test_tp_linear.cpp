@@ -24,6 +24,7 @@ namespace {
 using tpext::testing::decode;
 using tpext::testing::DeviceBuffer;
 using tpext::testing::encode;
+using tpext::testing::on_every_rank;
 using tpext::testing::Stream;
 using tpext::testing::visible_gpu_count;
 
@@ -62,23 +63,6 @@ TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
 // ---------------------------------------------------------------------------------------------
 // GPU: one thread per rank
 // ---------------------------------------------------------------------------------------------
-
-void on_every_rank(int n, const std::function<void(int)>& body) {
-  std::vector<std::string> errors(n);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < n; ++r)
-    if (!errors[r].empty()) ADD_FAILURE() << "rank " << r << " threw: " << errors[r];
-}
 
 // `count` random values in [-1, 1) rounded to `dt`, as doubles (what the GPU will see exactly).
 std::vector<double> rounded(size_t count, DataType dt, uint32_t seed) {
