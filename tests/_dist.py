@@ -18,6 +18,11 @@ A test of a dying rank names it in `killed`: that rank must end by SIGKILL (it m
 os.kill(os.getpid(), signal.SIGKILL)); its death shortens nobody's deadline (the survivors are the
 ones under test: they must fail on their own, within their timeout) and its result is None.
 
+Two environment variables serve batched runs on a lent GPU box, where the whole session has a
+wall-clock limit and pytest's own report comes only at the end: TPEXT_TEST_LAUNCH_TIMEOUT_S caps
+every launch's limit (a hang then costs that, not minutes), and TPEXT_TEST_FAILURE_LOG names a file
+each failed launch appends its report to at once, so it survives a session cut short.
+
 This file is also the children's entry point: `python _dist.py CHILD_SPEC`.
 """
 import faulthandler
@@ -67,6 +72,9 @@ def launch(body: Callable, world_size: int, args: Sequence[Any] = (), kwargs: Op
     (they must pickle). Raises LaunchError naming the failed ranks with their tracebacks.
     `killed`: ranks that must die by SIGKILL (their result is None); any other end of theirs fails."""
     killed = sorted(set(killed))
+    cap = os.environ.get("TPEXT_TEST_LAUNCH_TIMEOUT_S")
+    if cap:
+        timeout_s = min(timeout_s, float(cap))
     if any(not 0 <= r < world_size for r in killed):
         raise ValueError(f"launch: killed: expected ranks in [0, {world_size}), got {killed}")
     module = sys.modules[body.__module__]
@@ -180,8 +188,19 @@ def _collect(procs, tmp: str, timed_out: List[int], timeout_s: float, killed: Se
         head = f"{len(failures)} of {len(procs)} ranks failed"
         if timed_out:
             head += f" (launch limit {timeout_s:.0f} s, or {GRACE_AFTER_FAILURE_S:.0f} s after the first failure)"
-        raise LaunchError(head + "\n\n" + "\n\n".join(failures))
+        report = head + "\n\n" + "\n\n".join(failures)
+        _append_failure_log(report)
+        raise LaunchError(report)
     return results
+
+
+def _append_failure_log(report: str) -> None:
+    path = os.environ.get("TPEXT_TEST_FAILURE_LOG")
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "(not under pytest)")
+    with open(path, "a") as f:
+        f.write(f"===== {test}\n{report}\n\n")
 
 
 def _log_block(log: str) -> str:

@@ -376,7 +376,14 @@ void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
     int previous = -1;
     (void)cudaGetDevice(&previous);
     if (previous != device_) (void)cudaSetDevice(device_);  // never make a context on another GPU
+    // torch.cuda.graph captures in global mode by default, which forbids an event query from
+    // *any* thread while a capture runs and invalidates that capture (the other rank then waits
+    // forever in the collective it captured). watch_event_ is never recorded under capture, so
+    // this thread opts out for the query (thread-local mode), as PyTorch's NCCL watchdog does.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal;
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
     const cudaError_t q = cudaEventQuery(watch_event_);
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);  // back to what the thread had
     if (q == cudaSuccess) {
       pending_ = false;
     } else if (q == cudaErrorNotReady) {
