@@ -117,7 +117,8 @@ def check_mixed_cpu_and_cuda(group, device, tag):
     group.reset_stats()
     for i in range(3):
         for dev in ("cpu", device):
-            t = f"{tag}/mixed/{group.name}/{i}/{dev}"
+            # The tag names the device type, not cuda:<rank>: every rank must draw the same inputs.
+            t = f"{tag}/mixed/{group.name}/{i}/{torch.device(dev).type}"
             parts = inputs_of(t, group.ranks, (5,), torch.float32)
             x = parts[group.rank].to(dev, copy=True)
             group.all_reduce(x)

@@ -339,8 +339,31 @@ void Communicator::track(cudaStream_t caller) {
   }
 }
 
+namespace {
+// Sets this thread's stream-capture interaction mode for a scope and restores it after.
+class CaptureModeScope {
+ public:
+  explicit CaptureModeScope(cudaStreamCaptureMode mode) : mode_(mode) { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ~CaptureModeScope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+  CaptureModeScope(const CaptureModeScope&) = delete;
+  CaptureModeScope& operator=(const CaptureModeScope&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_;
+};
+}  // namespace
+
 void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
   if (failure_.load(std::memory_order_acquire) != Failure::kNone) return;
+  int previous = -1;
+  (void)cudaGetDevice(&previous);
+  if (previous != device_) (void)cudaSetDevice(device_);  // never make a context on another GPU
+  // torch.cuda.graph captures in global mode by default, which forbids potentially unsafe CUDA
+  // calls (an event query among them) from *every* thread while a capture runs, and invalidates
+  // that capture: the other rank then waits forever in the collective it captured. Nothing this
+  // poll touches (the event, NCCL's error state, an abort) belongs to a capture, so it runs in
+  // thread-local mode, as PyTorch's NCCL watchdog does.
+  CaptureModeScope capture_mode(cudaStreamCaptureModeThreadLocal);
   const int64_t since = host_call_since_.load(std::memory_order_acquire);
   if (since != 0) {
     // A caller is blocked inside NCCL on the blocking twin (holding nccl_mu_). ncclCommAbort from
@@ -373,17 +396,7 @@ void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
   {
     std::lock_guard<std::mutex> lock(watch_mu_);
     if (!pending_) return;
-    int previous = -1;
-    (void)cudaGetDevice(&previous);
-    if (previous != device_) (void)cudaSetDevice(device_);  // never make a context on another GPU
-    // torch.cuda.graph captures in global mode by default, which forbids an event query from
-    // *any* thread while a capture runs and invalidates that capture (the other rank then waits
-    // forever in the collective it captured). watch_event_ is never recorded under capture, so
-    // this thread opts out for the query (thread-local mode), as PyTorch's NCCL watchdog does.
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal;
-    (void)cudaThreadExchangeStreamCaptureMode(&mode);
     const cudaError_t q = cudaEventQuery(watch_event_);
-    (void)cudaThreadExchangeStreamCaptureMode(&mode);  // back to what the thread had
     if (q == cudaSuccess) {
       pending_ = false;
     } else if (q == cudaErrorNotReady) {
