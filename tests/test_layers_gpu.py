@@ -194,7 +194,20 @@ def graphs_body():
             for j, (r, e) in enumerate(zip(replayed, eager)):
                 _assert_same(r, e, f"{what}: forward+backward replay {i}, tensor {j} (output, input grad, params)")
         torch.cuda.synchronize()
+
+    # The last graph captured collectives of tp and is still alive. NCCL's destroy would wait for
+    # it forever (it did: both ranks hung in tpext.destroy() on 2 H200s), so destroy() refuses,
+    # says why, and leaves every group working; once the graph is gone, destroy() goes through.
+    with pytest.raises(RuntimeError, match=r"captured in CUDA graphs that still exist"):
+        tpext.destroy()
+    assert tpext.is_initialized(), "a refused destroy() must leave tpext initialised"
+    x = full_tensor(f"{tag}/after-refused-destroy", (5,), torch.float32).to(device)
+    expected = x.double() * tp.size  # every rank drew the same tensor
+    tp.all_reduce(x)
+    torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=0)
+    del graph
     tpext.destroy()
+    assert not tpext.is_initialized()
 
 
 @pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)

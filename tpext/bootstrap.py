@@ -202,6 +202,11 @@ def _destroy_gloo(groups, owns_default_pg: bool) -> None:
         dist.destroy_process_group(g)
 
 
+# How long destroy() waits for graphs the caller just dropped: CUDA reports their destruction
+# from an internal thread, shortly after the last replay finished.
+GRAPH_RELEASE_WAIT_S = 10.0
+
+
 def destroy() -> None:
     """Releases every communicator and group tpext created; tpext.init() works again afterwards.
 
@@ -211,6 +216,11 @@ def destroy() -> None:
     global _state
     if _state is None:
         return
+    # NCCL's destroy waits for every CUDA graph that captured a collective of the communicator to
+    # be destroyed, so a live graph would hang it. Refuse before releasing anything: the groups
+    # stay usable and destroy() can be called again once the graphs are gone.
+    for h in _state.nccl_handles:
+        _C.comm_require_no_live_graphs(h, GRAPH_RELEASE_WAIT_S)
     state, _state = _state, None
     for g in (state.tp, state.dp, state.world):
         g._destroy()

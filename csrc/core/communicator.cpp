@@ -329,7 +329,10 @@ void Communicator::track(cudaStream_t caller) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TPEXT_CUDA_CHECK_CTX(cudaStreamIsCapturing(stream_, &capture), describe());
   // A captured collective runs at replay, outside anything the watchdog could time here.
-  if (capture != cudaStreamCaptureStatusNone) return;
+  if (capture != cudaStreamCaptureStatusNone) {
+    retain_in_graph();
+    return;
+  }
   std::lock_guard<std::mutex> lock(watch_mu_);
   TPEXT_CUDA_CHECK_CTX(cudaEventRecord(watch_event_, stream_), describe());
   if (!pending_) {
@@ -352,6 +355,52 @@ class CaptureModeScope {
   cudaStreamCaptureMode mode_;
 };
 }  // namespace
+
+namespace {
+using GraphRefs = std::shared_ptr<std::atomic<int64_t>>;
+// Runs on a CUDA-internal thread once a graph holding the reference is destroyed (and its
+// launches are done): no CUDA calls allowed here, only the count.
+void release_graph_ref(void* p) {
+  auto* refs = static_cast<GraphRefs*>(p);
+  (*refs)->fetch_sub(1, std::memory_order_acq_rel);
+  delete refs;
+}
+}  // namespace
+
+void Communicator::retain_in_graph() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  cudaGraph_t graph = nullptr;
+  TPEXT_CUDA_CHECK_CTX(cudaStreamGetCaptureInfo(stream_, &status, &id, &graph), describe());
+  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return;
+  auto* ref = new GraphRefs(graph_refs_);
+  graph_refs_->fetch_add(1, std::memory_order_acq_rel);
+  cudaUserObject_t object = nullptr;
+  cudaError_t e = cudaUserObjectCreate(&object, ref, release_graph_ref, 1, cudaUserObjectNoDestructorSync);
+  if (e != cudaSuccess) {
+    graph_refs_->fetch_sub(1, std::memory_order_acq_rel);
+    delete ref;
+    TPEXT_CUDA_CHECK_CTX(e, describe());
+  }
+  // The graph takes over our one reference: the object dies with the graph.
+  e = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+  if (e != cudaSuccess) {
+    (void)cudaUserObjectRelease(object, 1);  // its destructor gives the count back
+    TPEXT_CUDA_CHECK_CTX(e, describe());
+  }
+}
+
+void Communicator::require_no_live_graphs(double wait_s) const {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(wait_s);
+  while (captured_in_live_graphs() > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const int64_t live = captured_in_live_graphs();
+  if (live > 0)
+    throw Error("tpext: cannot destroy " + describe() + ": " + std::to_string(live) +
+                " of its collectives are captured in CUDA graphs that still exist, and NCCL would wait for those "
+                "graphs forever. Release them first (drop every reference to the torch.cuda.CUDAGraph, or call "
+                "its reset()), then destroy.");
+}
 
 void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
   if (failure_.load(std::memory_order_acquire) != Failure::kNone) return;

@@ -99,6 +99,12 @@ class Communicator {
   void destroy();
   // Abort without waiting for peers; for error paths. Idempotent, never throws.
   void abort() noexcept;
+  // Collectives of this communicator captured into CUDA graphs that still exist. NCCL's destroy
+  // waits until every graph holding its work is gone, so destroying with such a graph alive
+  // would hang: require_no_live_graphs waits up to `wait_s` for the count to reach zero (graph
+  // destruction reaches us asynchronously) and throws Error naming the way out otherwise.
+  int64_t captured_in_live_graphs() const { return graph_refs_->load(std::memory_order_acquire); }
+  void require_no_live_graphs(double wait_s) const;
   bool alive() const { return comm_ != nullptr; }
 
   int rank() const { return rank_; }
@@ -126,10 +132,14 @@ class Communicator {
   // aborts and throws on error or when the deadline passes.
   void wait_ready(const char* what, ncclComm_t comm = nullptr);
   [[noreturn]] void fail(const char* what, ncclResult_t result);
-  // Marks everything enqueued so far on the comm stream for the watchdog (outside graph capture).
+  // Marks everything enqueued so far on the comm stream for the watchdog (outside graph capture);
+  // under capture, ties a reference to the graph being captured instead (retain_in_graph).
   void track(cudaStream_t caller);
+  void retain_in_graph();
   void abort_locked() noexcept;
 
+  // Shared with the CUDA user objects that captured graphs hold, which may outlive this object.
+  std::shared_ptr<std::atomic<int64_t>> graph_refs_ = std::make_shared<std::atomic<int64_t>>(0);
   ncclComm_t comm_ = nullptr;  // collectives
   ncclComm_t ctl_ = nullptr;   // the non-blocking original, for split; null when comm_ is it
   // Set once ncclCommAbort ran on comm_ (by the caller, or by the watchdog, which may abort a host

@@ -96,14 +96,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("parent"), py::arg("color"), py::arg("key"), py::arg("name"), py::arg("timeout_s") = 600.0);
 
   m.def(
+      "comm_require_no_live_graphs",
+      [](int64_t handle, double wait_s) {
+        auto comm = lookup_communicator(handle, "comm_require_no_live_graphs");
+        py::gil_scoped_release no_gil;  // graph destructors may need the GIL to finish
+        comm->require_no_live_graphs(wait_s);
+      },
+      py::arg("handle"), py::arg("wait_s") = 10.0);
+
+  m.def(
       "comm_destroy",
-      [](int64_t handle) {
+      [](int64_t handle, double wait_s) {
+        std::shared_ptr<core::Communicator> live;
+        try {
+          live = lookup_communicator(handle, "comm_destroy");
+        } catch (const core::InvalidArgument&) {
+          return;  // released already: destroy is idempotent
+        }
+        {
+          py::gil_scoped_release no_gil;
+          live->require_no_live_graphs(wait_s);  // before the handle goes: a refusal leaves it usable
+        }
+        live.reset();
         auto comm = release_communicator(handle);
         if (!comm) return;
         py::gil_scoped_release no_gil;
         comm->destroy();
       },
-      py::arg("handle"));
+      py::arg("handle"), py::arg("wait_s") = 10.0);
 
   m.def(
       "comm_abort",

@@ -268,6 +268,37 @@ TEST(CommunicatorSolo, IdentityForEveryCollective) {
   }
 }
 
+// A collective captured into a CUDA graph ties the communicator to that graph: NCCL's destroy
+// would wait for the graph forever, so require_no_live_graphs refuses until the graph and its
+// executable are gone, and then lets destroy through.
+TEST(CommunicatorSolo, CapturedCollectivesHoldTheCommunicatorUntilTheGraphIsGone) {
+  TPEXT_REQUIRE_GPUS(1);
+  auto comm = solo(0, "graph");
+  Stream s(0);
+  DeviceBuffer buf(0, 64 * sizeof(float));
+  core::DeviceGuard guard(0);
+  ASSERT_EQ(comm->captured_in_live_graphs(), 0);
+  TPEXT_CUDA_CHECK(cudaStreamBeginCapture(s.get(), cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < 2; ++i)
+    comm->all_reduce(buf.get(), buf.get(), 64, DataType::kFloat32, ReduceOp::kSum, s.get());
+  cudaGraph_t graph = nullptr;
+  TPEXT_CUDA_CHECK(cudaStreamEndCapture(s.get(), &graph));
+  EXPECT_EQ(comm->captured_in_live_graphs(), 2);
+  cudaGraphExec_t exec = nullptr;
+  TPEXT_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  TPEXT_CUDA_CHECK(cudaGraphLaunch(exec, s.get()));
+  TPEXT_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+  EXPECT_THROW(comm->require_no_live_graphs(0.05), Error);
+  EXPECT_TRUE(contains(message_of([&] { comm->require_no_live_graphs(0.0); }), "CUDA graphs that still exist"));
+  TPEXT_CUDA_CHECK(cudaGraphDestroy(graph));
+  EXPECT_THROW(comm->require_no_live_graphs(0.05), Error) << "the executable graph still holds the collectives";
+  TPEXT_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  EXPECT_NO_THROW(comm->require_no_live_graphs(10.0));
+  EXPECT_EQ(comm->captured_in_live_graphs(), 0);
+  comm->destroy();
+  EXPECT_FALSE(comm->alive());
+}
+
 // =============================================================================================
 // Every GPU from one thread: run_grouped
 // =============================================================================================
