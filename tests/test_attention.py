@@ -150,7 +150,13 @@ def check_attention(group, device, tag, dtype, config):
     calls = {kind: v["calls"] for kind, v in tpext.stats(group).items() if v["calls"]}
     assert calls == {"all_reduce": 1}, f"{what}: forward ran {calls}, expected one all-reduce"
     assert_close(y, y_ref, RTOL[dtype], f"{what}: output")
+    tpext.reset_stats(group)
     y.backward(g.to(device))
+    if 1 < group.size and kv >= group.size:
+        # (With more ranks than KV heads, the replicated K/V rows' weight gradients are summed too.)
+        calls = {kind: v["calls"] for kind, v in tpext.stats(group).items() if v["calls"]}
+        assert calls == {"all_reduce": 1}, \
+            f"{what}: backward ran {calls}, expected one all-reduce (q, k and v share the input gradient's)"
     assert_close(xd.grad, dx_ref, RTOL[dtype], f"{what}: input grad")
     with tpext.gather_params(attn):
         if fused:

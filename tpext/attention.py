@@ -34,7 +34,7 @@ from torch import nn
 
 from .groups import Group
 from .layers import ColumnParallelLinear, RowParallelLinear, _positive_int
-from .mappings import resolve_group
+from .mappings import copy_to_tensor_parallel_region, resolve_group
 from .partition import mark_replicated, mark_tensor_parallel, split_sizes
 
 Ranges = Tuple[Tuple[int, int], ...]
@@ -442,6 +442,9 @@ class ParallelAttention(nn.Module):
         self.k_proj = head_parallel_column(k.weight, k.bias, rk, group)
         self.v_proj = head_parallel_column(v.weight, v.bias, rv, group)
         self.o_proj = head_parallel_row(o.weight, o.bias, out_ranges(self.layout, self.head_dim), group)
+        # q, k and v read the same input: _project reduces its gradient once for the three.
+        for layer in (self.q_proj, self.k_proj, self.v_proj):
+            layer.disable_grad_reduce = group.size > 1
 
     def _install_fused(self, qkv, o, group) -> None:
         ranges = qkv_ranges(self.layout, self.num_heads, self.num_kv_heads, self.head_dim, "blocked")
@@ -526,6 +529,10 @@ class ParallelAttention(nn.Module):
             # applied directly.
             outs = [F.linear(x, layer.weight, layer.bias) for layer in layers]
         else:
+            if not self.fused_qkv and self.group.size > 1:
+                # One all-reduce of the input gradient for q, k and v together (their layers skip
+                # their own, see _install_separate), as with a fused QKV: 1 in the backward, not 3.
+                x = copy_to_tensor_parallel_region(x, self.group)
             outs = [layer(x) for layer in layers]
         if self.fused_qkv:
             return outs[0].split(sizes, dim=-1)
