@@ -53,7 +53,7 @@ QUICK = {
 }
 SMOKE = {"m": "16", "graph": "eager"}
 # Settings that change what the peers do, recorded with the results.
-BENCH_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+BENCH_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_MAX_CTAS", "NCCL_MIN_CTAS", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
              "NCCL_NVLS_ENABLE", "PYTHONPATH")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 REL_ERR_BOUND = 2e-2  # bf16 block output vs a float32 reference on the same weights
@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="CPU and gloo, tiny sizes (H=64 FF=128, M=16): proves the plumbing, table and JSON")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--overlap-sms", type=int, default=0,
+                   help="tpext.set_overlap_sms for the run: SMs the GEMMs beside a collective leave to it "
+                        "(0: cuBLASLt's choice); pair with NCCL_MAX_CTAS in the environment")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -119,6 +122,8 @@ def parse_args(argv=None):
     args.point_s = args.point_s if args.point_s is not None else (0.02 if cpu else 0.15)
     args.min_iters = args.min_iters if args.min_iters is not None else (3 if cpu else 10)
     args.max_iters = args.max_iters if args.max_iters is not None else (10 if cpu else 300)
+    if args.overlap_sms < 0:
+        p.error(f"--overlap-sms: expected >= 0, got {args.overlap_sms}")
     if not (args.point_s > 0 and 1 <= args.min_iters <= args.max_iters):
         p.error("expected --point-s > 0 and 1 <= --min-iters <= --max-iters")
     return args
@@ -566,6 +571,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     tp, torch_group, cpu_group, device = init(args.smoke)
+    tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
                         torch_group=torch_group)
     try:

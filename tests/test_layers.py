@@ -454,3 +454,20 @@ def test_from_linear_copies_the_weights(single):
         lin.bias.add_(1.0)
     after = [col.weight, col.bias, row.weight, row.bias]
     assert all(torch.equal(a, b) for a, b in zip(after, before)), "from_linear must copy, not alias, the full weights"
+
+
+def test_overlap_sms_is_validated_and_kept():
+    """tpext.set_overlap_sms: a process-wide tuning knob (tpext/tuning.py); bad values name the
+    argument and change nothing."""
+    assert tpext.overlap_sms() == 0, "the default leaves the GEMMs' SM count to cuBLASLt"
+    try:
+        with pytest.raises(ValueError, match=r"\bsms\b.*>= 0"):
+            tpext.set_overlap_sms(-1)
+        for bad in (1.5, "16", True):
+            with pytest.raises(TypeError, match=r"\bsms\b"):
+                tpext.set_overlap_sms(bad)
+        assert tpext.overlap_sms() == 0
+        tpext.set_overlap_sms(16)
+        assert tpext.overlap_sms() == 16
+    finally:
+        tpext.set_overlap_sms(0)

@@ -46,6 +46,10 @@ struct MatmulDesc {
   // cuBLASLt applies GELU/DGELU after adding D, which would be gelu(A·B + D), not D + gelu(A·B).
   bool accumulate = false;
   bool allow_tf32 = false;  // float32 only: CUBLAS_COMPUTE_32F_FAST_TF32
+  // 0: the GEMM may use every SM. n > 0: cuBLASLt sizes it for n SMs
+  // (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to a collective running beside it;
+  // without that, a persistent GEMM's CTAs hold every SM and the collective waits for its end.
+  int sm_count_target = 0;
 };
 
 // Device pointers on the current device. bias, aux and bgrad must be set exactly when the

@@ -20,6 +20,7 @@ struct MatmulKey {
   int64_t m = 0, n = 0, k = 0;
   int64_t lda = 0, ldb = 0, ldd = 0, ldaux = 0;  // resolved: never 0 (packed) here
   bool trans_a = false, trans_b = false, accumulate = false, allow_tf32 = false;
+  int sm_count_target = 0;
   DataType dtype = DataType::kFloat32;
   Epilogue epilogue = Epilogue::kNone;
   size_t workspace_bytes = 0;

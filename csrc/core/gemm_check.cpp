@@ -105,6 +105,8 @@ void validate_matmul(const MatmulDesc& d, const MatmulPointers& p, const void* w
   if (d.m < 0) reject(d, "m: must be >= 0; got " + str(d.m));
   if (d.n < 0) reject(d, "n: must be >= 0; got " + str(d.n));
   if (d.k < 0) reject(d, "k: must be >= 0; got " + str(d.k));
+  if (d.sm_count_target < 0)
+    reject(d, "sm_count_target: must be >= 0 (0: every SM); got " + str(d.sm_count_target));
   if (d.allow_tf32 && d.dtype != DataType::kFloat32)
     reject(d, std::string("allow_tf32: only applies to float32; got dtype ") + dtype_name(d.dtype));
   if (d.accumulate && d.epilogue != Epilogue::kNone && d.epilogue != Epilogue::kBias &&
@@ -163,6 +165,7 @@ std::string describe(const MatmulDesc& d) {
   s += std::string(" epilogue=") + epilogue_name(d.epilogue);
   if (d.accumulate) s += " accumulate=true";
   if (d.allow_tf32) s += " allow_tf32=true";
+  if (d.sm_count_target > 0) s += " sm_count_target=" + str(d.sm_count_target);
   return s;
 }
 

@@ -132,6 +132,11 @@ MatmulPlan::MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const Ma
     const int64_t ldaux = desc.ldaux;
     set_attribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, ldaux, what_);
   }
+  if (desc.sm_count_target > 0) {
+    // Before the heuristic query, which then picks a kernel sized for that many SMs.
+    const int32_t sms = desc.sm_count_target;
+    set_attribute(op, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, sms, what_);
+  }
   // Bias, aux and bgrad keep their default data type: D's, which is our dtype.
   set_epilogue_pointers(ptrs);
 

@@ -37,6 +37,18 @@ void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end) {
   *end = std::min<int64_t>(m, per * (i + 1));
 }
 
+int overlap_sm_target(int device, int comm_sms) {
+  if (comm_sms < 0)
+    throw_invalid_argument("comm_sms: expected >= 0 SMs left to the collective (0: none), got " + std::to_string(comm_sms));
+  if (comm_sms == 0) return 0;
+  int sms = 0;
+  TPEXT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (comm_sms >= sms)
+    throw_invalid_argument("comm_sms: expected fewer than the " + std::to_string(sms) + " SMs of cuda:" +
+                           std::to_string(device) + ", got " + std::to_string(comm_sms));
+  return sms - comm_sms;
+}
+
 int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size) {
   if (world_size <= 1) return 1;
   const int64_t bytes = m * n * static_cast<int64_t>(element_size(dtype));
@@ -59,6 +71,8 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   chunks = static_cast<int>(std::min<int64_t>(chunks, (a.m + 7) / 8));  // pieces of >= 8 rows
   chunks = std::max(chunks, 1);
   const bool with_bias = a.bias != nullptr && comm.rank() == 0;
+  // Pieces after the first run beside the previous piece's all-reduce.
+  const int beside_sms = overlap_sm_target(comm.device(), a.comm_sms);
 
   DeviceGuard guard(comm.device());
   for (int i = 0; i < chunks; ++i) {
@@ -73,6 +87,7 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     d.dtype = a.dtype;
     d.allow_tf32 = a.allow_tf32;
     d.epilogue = with_bias ? Epilogue::kBias : Epilogue::kNone;
+    if (i > 0 && comm.size() > 1) d.sm_count_target = beside_sms;
     MatmulPointers p;
     p.a = offset(a.x, r0 * a.k, a.dtype);
     p.b = a.w;
@@ -104,6 +119,12 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
   check_gemm_dtype(a.dtype, a.allow_tf32, where);
   if (a.db != nullptr && a.dw == nullptr)
     throw_invalid_argument(std::string(where) + ": db: the bias gradient rides on the weight-gradient GEMM; pass dw too");
+  const bool reduces_dx = comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0;
+  if (a.comm_sms < 0)
+    throw_invalid_argument(std::string(where) + ": comm_sms: expected >= 0 SMs left to the collective (0: none), got " +
+                           std::to_string(a.comm_sms));
+  // The wgrad GEMM runs beside the dx all-reduce (when there is one to run beside).
+  const int beside_sms = reduces_dx && comm->size() > 1 ? overlap_sm_target(comm->device(), a.comm_sms) : 0;
   std::unique_ptr<DeviceGuard> guard;
   if (comm) guard = std::make_unique<DeviceGuard>(comm->device());
 
@@ -140,6 +161,7 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
     d.dtype = a.dtype;
     d.allow_tf32 = a.allow_tf32;
     d.epilogue = a.db != nullptr ? Epilogue::kBgrad : Epilogue::kNone;
+    d.sm_count_target = beside_sms;
     MatmulPointers p;
     p.a = a.dy;
     p.b = a.x;  // [m, k]

@@ -32,6 +32,7 @@ struct RowParallelForward {
   DataType dtype = DataType::kBFloat16;
   bool allow_tf32 = false;
   int chunks = 0;  // 0: choose_row_chunks()
+  int comm_sms = 0;  // see overlap_sm_target()
 };
 void row_parallel_forward(Communicator& comm, const RowParallelForward& args, Workspace ws, cudaStream_t caller);
 
@@ -49,8 +50,15 @@ struct LinearBackward {
   int64_t m = 0, n = 0, k = 0;
   DataType dtype = DataType::kBFloat16;
   bool allow_tf32 = false;
+  int comm_sms = 0;  // see overlap_sm_target(); applies to the wgrad GEMM beside the dx all-reduce
 };
 void linear_backward(Communicator* comm, const LinearBackward& args, Workspace ws, cudaStream_t caller);
+
+// The SM target of a GEMM that runs beside a collective on `device`, leaving `comm_sms` SMs to
+// the collective: 0 (every SM, cuBLASLt's choice) when comm_sms is 0, else the device's SM count
+// minus comm_sms. Throws InvalidArgument unless 0 <= comm_sms < the SM count. The GEMMs that run
+// alone (the first row piece, dgrad) always get every SM.
+int overlap_sm_target(int device, int comm_sms);
 
 // Pieces for the row-parallel forward: one when the all-reduce is latency-bound (pipelining would
 // only add launches and shrink the GEMMs), more as the output grows so that the exposed tail (the

@@ -6,16 +6,33 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "core/gemm.h"
 #include "core/tp_linear.h"
 #include "error_translation.h"
+#include "overlap.h"
 #include "registry.h"
 #include "tensor_checks.h"
 
 namespace tpext::adapter {
+
+namespace {
+std::atomic<int> g_overlap_sms{0};
+}  // namespace
+
+int overlap_sms() { return g_overlap_sms.load(std::memory_order_relaxed); }
+
+void set_overlap_sms(int sms) {
+  if (sms < 0)
+    throw core::InvalidArgument("set_overlap_sms: sms: expected >= 0 SMs left to the collective (0: cuBLASLt's "
+                                "choice), got " + std::to_string(sms));
+  g_overlap_sms.store(sms, std::memory_order_relaxed);
+}
+
 namespace {
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -161,6 +178,7 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   a.k = k;
   a.dtype = gemm_dtype(input, op);
   a.allow_tf32 = tf32(input);
+  a.comm_sms = overlap_sms();
   at::Tensor ws_holder;
   core::Workspace ws = workspace_for(input, ws_holder);
   core::linear_backward(comm, a, ws, stream_of(input));
@@ -209,6 +227,7 @@ at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& w
     a.dtype = gemm_dtype(input, "row_parallel_linear");
     a.allow_tf32 = tf32(input);
     a.chunks = static_cast<int>(chunks);
+    a.comm_sms = overlap_sms();
     at::Tensor ws_holder;
     core::Workspace ws = workspace_for(input, ws_holder);
     core::row_parallel_forward(*comm, a, ws, stream_of(input));

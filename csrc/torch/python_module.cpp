@@ -6,6 +6,7 @@
 
 #include "core/communicator.h"
 #include "core/error.h"
+#include "overlap.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -59,6 +60,10 @@ PYBIND11_MODULE(_C, m) {
     core::UniqueId id = core::make_unique_id();
     return py::bytes(id.data(), id.size());
   });
+
+  m.def("set_overlap_sms", &tpext::adapter::set_overlap_sms, py::arg("sms"),
+        "SMs the GEMMs that run beside a collective leave free for it (0: cuBLASLt's choice).");
+  m.def("overlap_sms", &tpext::adapter::overlap_sms);
 
   m.def(
       "comm_create",

@@ -255,6 +255,15 @@ TEST(GemmValidation, Tf32OnlyForFloat32) {
   expect_valid(d, pointers_for(d.epilogue));
 }
 
+TEST(GemmValidation, SmCountTargetIsZeroOrPositive) {
+  MatmulDesc d = valid_desc();
+  d.sm_count_target = -1;
+  expect_rejected(d, pointers_for(d.epilogue), "sm_count_target");
+  d.sm_count_target = 100;
+  expect_valid(d, pointers_for(d.epilogue));
+  EXPECT_NE(describe(d).find("sm_count_target=100"), std::string::npos) << describe(d);
+}
+
 TEST(GemmValidation, RejectsNullWorkspaceWithBytes) {
   const MatmulPointers p = pointers_for(Epilogue::kNone);
   expect_rejected(valid_desc(), p, "workspace", nullptr, 1024);
@@ -405,7 +414,7 @@ TEST(GemmCacheKey, EveryFieldSplitsTheKey) {
   const MatmulPointers p = pointers_for(Epilogue::kBias);
   const MatmulKey key = make_matmul_key(base, p, 0, 1024);
 
-  std::vector<MatmulDesc> variants(13, base);
+  std::vector<MatmulDesc> variants(14, base);
   variants[0].m = 5;
   variants[1].n = 16;
   variants[2].k = 32;
@@ -420,6 +429,7 @@ TEST(GemmCacheKey, EveryFieldSplitsTheKey) {
   variants[11].dtype = DataType::kFloat32;
   variants[12].dtype = DataType::kFloat32;
   variants[12].allow_tf32 = true;
+  variants[13].sm_count_target = 100;  // a kernel sized for fewer SMs is another plan
   for (const MatmulDesc& v : variants) {
     EXPECT_NE(key, make_matmul_key(v, p, 0, 1024)) << describe(v);
   }

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "comm_test_util.h"
@@ -58,6 +59,25 @@ TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
     EXPECT_GE(c, 1);
     EXPECT_TRUE(c == 1 || m / c >= 128) << "m=" << m << " gave " << c << " pieces of under 128 rows";
   }
+}
+
+TEST(OverlapSms, ZeroLeavesTheChoiceToCublasLtAndNegativeIsRejected) {
+  // Host-side: neither asks the device anything.
+  EXPECT_EQ(overlap_sm_target(0, 0), 0);
+  try {
+    overlap_sm_target(0, -1);
+    ADD_FAILURE() << "comm_sms -1 was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("comm_sms"), std::string::npos) << e.what();
+  }
+}
+
+TEST(OverlapSmsGpu, LeavesTheRequestedSmsAndRejectsAllOfThem) {
+  TPEXT_REQUIRE_GPUS(1);
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  EXPECT_EQ(overlap_sm_target(0, 16), sms - 16);
+  EXPECT_THROW(overlap_sm_target(0, sms), InvalidArgument);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,7 +179,9 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
     Device x(r, x_r, dt), w(r, w_r, dt), bb(r, b, dt);
     Stream s(r);
     DeviceBuffer ws = workspace(r);
-    for (int chunks : {1, 2, 3, 4, 7}) {
+    // comm_sms 16: the pieces after the first are sized to leave 16 SMs to the all-reduce; the
+    // result must not change with it.
+    for (auto [chunks, comm_sms] : std::vector<std::pair<int, int>>{{1, 0}, {2, 0}, {3, 0}, {4, 0}, {7, 0}, {3, 16}}) {
       Device y(r, static_cast<size_t>(m * n_out), dt);
       RowParallelForward a;
       a.x = x.buf.get();
@@ -171,12 +193,14 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
       a.k = k_of[r];
       a.dtype = dt;
       a.chunks = chunks;
+      a.comm_sms = comm_sms;
       {
         DeviceGuard g(r);
         row_parallel_forward(*comm, a, Workspace{ws.get(), ws.bytes()}, s.get());
       }
       expect_close(y.read(m * n_out, dt, s.get()), want, scale, tolerance(dt),
-                   tag + " chunks=" + std::to_string(chunks) + " rank " + std::to_string(r));
+                   tag + " chunks=" + std::to_string(chunks) + " comm_sms=" + std::to_string(comm_sms) + " rank " +
+                       std::to_string(r));
     }
     comm->destroy();
   });
@@ -198,7 +222,7 @@ TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductBf16) {
 
 // Column-parallel backward on n ranks: rank r holds w_r [n_r, k] (its output rows) and dy_r
 // [m, n_r]; dx = sum_r dy_r w_r on every rank, dw_r = dy_r^T x, db_r = column sums of dy_r.
-void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType dt) {
+void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType dt, int comm_sms = 0) {
   std::vector<int64_t> n_of(n), n_begin(n);
   for (int r = 0, begin = 0; r < n; ++r) {
     n_of[r] = n_total / n + (r < n_total % n ? 1 : 0);
@@ -222,7 +246,7 @@ void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType
     }
   const UniqueId id = make_unique_id();
   const std::string tag = "n=" + std::to_string(n) + " m=" + std::to_string(m) + " n_out=" + std::to_string(n_total) +
-                          " k=" + std::to_string(k) + " " + dtype_name(dt);
+                          " k=" + std::to_string(k) + " " + dtype_name(dt) + " comm_sms=" + std::to_string(comm_sms);
   on_every_rank(n, [&](int r) {
     auto comm = Communicator::create(id, r, n, r, options("column-backward"));
     const int64_t nr = n_of[r];
@@ -263,6 +287,7 @@ void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType
     a.n = nr;
     a.k = k;
     a.dtype = dt;
+    a.comm_sms = comm_sms;  // the wgrad GEMM beside the dx all-reduce leaves that many SMs
     {
       DeviceGuard g(r);
       linear_backward(comm.get(), a, Workspace{ws.get(), ws.bytes()}, s.get());
@@ -280,6 +305,7 @@ TEST(ColumnParallelBackwardGpu, DxAllReducedDwDbLocal) {
   const int n = std::min(visible_gpu_count(), 4);
   column_backward_case(n, 256, 96, 64, DataType::kFloat32);
   column_backward_case(n, 200, 130, 72, DataType::kBFloat16);
+  column_backward_case(n, 200, 130, 72, DataType::kBFloat16, 16);
 }
 
 }  // namespace

@@ -1,0 +1,34 @@
+"""Knobs that change how fast the TP layers run, never what they compute.
+
+    tpext.set_overlap_sms(16)    # GEMMs beside a collective leave 16 SMs to it
+    tpext.overlap_sms()          # -> 16
+
+Overlap: the row-parallel forward runs the GEMM of row piece i+1 while piece i is all-reduced, and
+the column-parallel backward runs the weight-gradient GEMM while the input gradient is
+all-reduced. cuBLASLt's Hopper GEMMs are persistent (one CTA per SM for the whole GEMM), so a GEMM
+that starts first can hold every SM until it ends and the collective beside it waits. With
+set_overlap_sms(n), only those GEMMs are sized for n fewer SMs (cuBLASLt's SM count target),
+leaving room for NCCL's kernel; pair it with NCCL's own CTA limit (NCCL_MAX_CTAS=n in the
+environment) so that NCCL asks for no more. 0, the default, leaves both to the libraries. Whether
+it pays depends on the sizes: bench/mlp.py --overlap-sms measures it (bench/NOTES.md).
+
+The setting is process-wide and read when an op is enqueued: a CUDA graph keeps the value it was
+captured with.
+"""
+from . import _C
+
+
+def set_overlap_sms(sms: int) -> None:
+    """SMs the GEMMs that run beside a collective leave free for it (0: cuBLASLt's choice). Each
+    op checks it against its device's SM count."""
+    if isinstance(sms, bool) or not isinstance(sms, int):
+        raise TypeError(f"set_overlap_sms: sms: expected an int, got {type(sms).__name__}")
+    if sms < 0:
+        raise ValueError(f"set_overlap_sms: sms: expected >= 0 SMs left to the collective (0: cuBLASLt's choice), "
+                         f"got {sms}")
+    _C.set_overlap_sms(sms)
+
+
+def overlap_sms() -> int:
+    """The current set_overlap_sms value."""
+    return int(_C.overlap_sms())
