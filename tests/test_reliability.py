@@ -295,7 +295,10 @@ def cycles_body(cycles, backend, warmup=3):
 
 
 def check_cycles(results, cycles, label, rss_slack_mb, rss_known_leak=None):
-    """File descriptors, threads, CUDA memory: exactly flat. Host memory (RSS): within the slack;
+    """File descriptors and threads: no more after the last cycle than after the warm-up (one
+    fewer was seen in CI: something from before the warm-up closing late, which is no leak; a leak
+    of even one per cycle would show as tens more). CUDA memory: exactly flat. Host memory (RSS):
+    within the slack;
     where a growth is known and not fixed yet (`rss_known_leak` says which), the test ends as an
     expected failure carrying the numbers, after every other check passed."""
     grown = []
@@ -304,8 +307,8 @@ def check_cycles(results, cycles, label, rss_slack_mb, rss_known_leak=None):
         print(f"\n[init/destroy, {label}] rank {rank}: {cycles} cycles in {r['seconds']:.1f} s; after cycle "
               f"{r['warmup']} -> {cycles}: fds {a['fds']} -> {b['fds']}, OS threads {a['os_threads']} -> "
               f"{b['os_threads']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB, CUDA {a['cuda']} -> {b['cuda']}")
-        assert b["fds"] == a["fds"], f"rank {rank}: file descriptors leaked: {a['fds']} -> {b['fds']}"
-        assert b["os_threads"] == a["os_threads"], \
+        assert b["fds"] <= a["fds"], f"rank {rank}: file descriptors leaked: {a['fds']} -> {b['fds']}"
+        assert b["os_threads"] <= a["os_threads"], \
             f"rank {rank}: threads leaked: {a['os_threads']} -> {b['os_threads']}"
         assert b["cuda"] == a["cuda"], f"rank {rank}: CUDA memory grew: {a['cuda']} -> {b['cuda']}"
         if b["rss_mb"] - a["rss_mb"] >= rss_slack_mb:

@@ -399,7 +399,8 @@ void Communicator::require_no_live_graphs(double wait_s) const {
     throw Error("tpext: cannot destroy " + describe() + ": " + std::to_string(live) +
                 " of its collectives are captured in CUDA graphs that still exist, and NCCL would wait for those "
                 "graphs forever. Release them first (drop every reference to the torch.cuda.CUDAGraph, or call "
-                "its reset()), then destroy.");
+                "its reset(); graphs of torch.compile(mode='reduce-overhead') go with torch.compiler.reset()), "
+                "then destroy.");
 }
 
 void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
