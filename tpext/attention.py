@@ -529,7 +529,7 @@ class ParallelAttention(nn.Module):
             # applied directly.
             outs = [F.linear(x, layer.weight, layer.bias) for layer in layers]
         else:
-            if not self.fused_qkv and self.group.size > 1:
+            if not self.fused_qkv and self.q_proj.disable_grad_reduce:
                 # One all-reduce of the input gradient for q, k and v together (their layers skip
                 # their own, see _install_separate), as with a fused QKV: 1 in the backward, not 3.
                 x = copy_to_tensor_parallel_region(x, self.group)

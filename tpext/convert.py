@@ -43,8 +43,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .attention import head_layout, head_parallel_column, head_parallel_row, out_ranges, qkv_ranges, describe_heads, \
-    is_uneven, kv_replicated, register_grad_hook
+from .attention import head_layout, head_parallel_column, head_parallel_row, out_ranges, qkv_ranges, \
+    register_grad_hook, warn_layout
 from .convert_families import FAMILY_PLANS, attention_rule, looks_like_attention, normalize_style
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .groups import Group
@@ -241,15 +241,7 @@ def parallelize(model: nn.Module, group: Optional[Group] = None, plan: Optional[
     if group._nccl is not None:
         model.to(group.device)
     for (num_heads, num_kv), layout in layouts_seen.items():
-        notes = []
-        if is_uneven(layout):
-            notes.append("the heads do not divide evenly, so ranks compute different numbers of heads")
-        if kv_replicated(layout):
-            notes.append("there are fewer KV heads than ranks, so KV heads are replicated (their gradients are "
-                         "summed over the TP group)")
-        if notes:
-            warnings.warn(f"{_WHAT}: {num_heads} query / {num_kv} KV heads over {group.size} ranks: "
-                          f"{'; '.join(notes)}: {describe_heads(layout)}", stacklevel=2)
+        warn_layout(_WHAT, layout, num_heads, num_kv)  # stacklevel 3: parallelize's caller
     info["shared_input_grad_reduce"] = _share_input_grad_reduce(model, group)
     model.tpext_info = info
     return model

@@ -157,9 +157,8 @@ class Group:
                                  f"got one on {tensor.device}")
         elif tensor.device.type != "cpu":
             raise ValueError(f"{what}: tensor: expected a CPU or CUDA tensor, got one on {tensor.device}")
-        elif self._failure is not None:
-            cls, message = self._failure
-            raise cls(f"tpext: {what}: {self.describe()} is unusable after an earlier failure: {message}")
+        else:
+            self._raise_if_failed(what)
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"{what}: tensor: expected dtype float32, float64, float16, bfloat16, int8, uint8, int32 or "
@@ -189,12 +188,15 @@ class Group:
     def _exchange_records(self, record: torch.Tensor, what: str) -> List[List[int]]:
         """Every group rank's `record` (a small int64 CPU tensor, the same size everywhere), in
         group-rank order, over the gloo process group; not counted in stats()."""
-        if self._failure is not None:
-            cls, message = self._failure
-            raise cls(f"tpext: {what}: {self.describe()} is unusable after an earlier failure: {message}")
+        self._raise_if_failed(what)
         out = [torch.empty_like(record) for _ in range(self.size)]
         self._gloo_run(what, lambda: dist.all_gather(out, record, group=self._gloo))
         return [o.tolist() for o in out]
+
+    def _raise_if_failed(self, what: str) -> None:
+        if self._failure is not None:
+            cls, message = self._failure
+            raise cls(f"tpext: {what}: {self.describe()} is unusable after an earlier failure: {message}")
 
     def _gloo_run(self, what: str, fn):
         """Runs a gloo call; its failure (the group's timeout, a peer that died or left) becomes a

@@ -327,10 +327,12 @@ void Communicator::fence_out(cudaStream_t caller) {
 void Communicator::track(cudaStream_t caller) {
   (void)caller;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TPEXT_CUDA_CHECK_CTX(cudaStreamIsCapturing(stream_, &capture), describe());
+  unsigned long long capture_id = 0;
+  cudaGraph_t graph = nullptr;
+  TPEXT_CUDA_CHECK_CTX(cudaStreamGetCaptureInfo(stream_, &capture, &capture_id, &graph), describe());
   // A captured collective runs at replay, outside anything the watchdog could time here.
   if (capture != cudaStreamCaptureStatusNone) {
-    retain_in_graph();
+    if (capture == cudaStreamCaptureStatusActive && graph != nullptr) retain_in_graph(graph);
     return;
   }
   std::lock_guard<std::mutex> lock(watch_mu_);
@@ -367,12 +369,7 @@ void release_graph_ref(void* p) {
 }
 }  // namespace
 
-void Communicator::retain_in_graph() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  unsigned long long id = 0;
-  cudaGraph_t graph = nullptr;
-  TPEXT_CUDA_CHECK_CTX(cudaStreamGetCaptureInfo(stream_, &status, &id, &graph), describe());
-  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return;
+void Communicator::retain_in_graph(cudaGraph_t graph) {
   auto* ref = new GraphRefs(graph_refs_);
   graph_refs_->fetch_add(1, std::memory_order_acq_rel);
   cudaUserObject_t object = nullptr;

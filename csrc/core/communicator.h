@@ -135,7 +135,7 @@ class Communicator {
   // Marks everything enqueued so far on the comm stream for the watchdog (outside graph capture);
   // under capture, ties a reference to the graph being captured instead (retain_in_graph).
   void track(cudaStream_t caller);
-  void retain_in_graph();
+  void retain_in_graph(cudaGraph_t graph);  // the graph being captured on stream_
   void abort_locked() noexcept;
 
   // Shared with the CUDA user objects that captured graphs hold, which may outlive this object.

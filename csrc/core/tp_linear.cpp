@@ -37,9 +37,16 @@ void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end) {
   *end = std::min<int64_t>(m, per * (i + 1));
 }
 
-int overlap_sm_target(int device, int comm_sms) {
+namespace {
+void check_comm_sms(const std::string& where, int comm_sms) {
   if (comm_sms < 0)
-    throw_invalid_argument("comm_sms: expected >= 0 SMs left to the collective (0: none), got " + std::to_string(comm_sms));
+    throw_invalid_argument(where + "comm_sms: expected >= 0 SMs left to the collective (0: none), got " +
+                           std::to_string(comm_sms));
+}
+}  // namespace
+
+int overlap_sm_target(int device, int comm_sms) {
+  check_comm_sms("", comm_sms);
   if (comm_sms == 0) return 0;
   int sms = 0;
   TPEXT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -120,9 +127,7 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
   if (a.db != nullptr && a.dw == nullptr)
     throw_invalid_argument(std::string(where) + ": db: the bias gradient rides on the weight-gradient GEMM; pass dw too");
   const bool reduces_dx = comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0;
-  if (a.comm_sms < 0)
-    throw_invalid_argument(std::string(where) + ": comm_sms: expected >= 0 SMs left to the collective (0: none), got " +
-                           std::to_string(a.comm_sms));
+  check_comm_sms(std::string(where) + ": ", a.comm_sms);  // checked even where no collective runs
   // The wgrad GEMM runs beside the dx all-reduce (when there is one to run beside).
   const int beside_sms = reduces_dx && comm->size() > 1 ? overlap_sm_target(comm->device(), a.comm_sms) : 0;
   std::unique_ptr<DeviceGuard> guard;
