@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--overlap-sms", type=int, default=0,
                    help="tpext.set_overlap_sms for the run: SMs the GEMMs beside a collective leave to it "
                         "(0: cuBLASLt's choice); pair with NCCL_MAX_CTAS in the environment")
+    p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
+                   help="how tpext's row-parallel layers cut their output into pipelined pieces "
+                        "(RowParallelLinear chunk_by; default auto: columns for few tokens, rows for many)")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -573,7 +576,7 @@ def main(argv=None) -> int:
     tp, torch_group, cpu_group, device = init(args.smoke)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
-                        torch_group=torch_group)
+                        torch_group=torch_group, chunk_by=args.chunk_by)
     try:
         return run(args, ctx, cpu_group, t_start)
     finally:

@@ -379,6 +379,7 @@ class Context:
     tp: "tpext.Group"
     torch_group: dist.ProcessGroup  # NCCL on GPUs, gloo on CPU
     megatron: Optional[object] = None  # megatron_state(); None = not tried yet
+    chunk_by: str = "auto"  # tpext's RowParallelLinear pieces (bench/mlp.py --chunk-by)
 
 
 def _layers(w: Workload, full, make_col, make_row, gelu_fused_mlp=None) -> nn.Module:
@@ -462,13 +463,14 @@ def build_tpext(w, full, ctx) -> System:
         return m
 
     def row(W, b):
-        m = tpext.RowParallelLinear(W.shape[1], W.shape[0], bias=b is not None, group=tp, device=dev, dtype=dt)
+        m = tpext.RowParallelLinear(W.shape[1], W.shape[0], bias=b is not None, group=tp, device=dev, dtype=dt,
+                                    chunk_by=ctx.chunk_by)
         _load(m, W, b)
         return m
 
     def mlp(w1, b1, w2, b2):
         m = tpext.ParallelMLP(w1.shape[1], w1.shape[0], activation="gelu", bias=b1 is not None, group=tp,
-                              device=dev, dtype=dt)
+                              device=dev, dtype=dt, chunk_by=ctx.chunk_by)
         cols = [c for c in m.modules() if isinstance(c, tpext.ColumnParallelLinear)]
         rows = [c for c in m.modules() if isinstance(c, tpext.RowParallelLinear)]
         if len(cols) != 1 or len(rows) != 1:

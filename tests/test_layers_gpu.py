@@ -71,9 +71,10 @@ def check_errors_on_gpu(group, device):
 
 
 def check_row_chunks(group, device, tag, dtype):
-    """chunks=1..4 cut the row-parallel forward into that many all-reduces (300 rows: pieces of
-    8-row multiples, all non-empty) and give the output of chunks=1, within a rounding: the GEMM of
-    fewer rows may take another cuBLASLt algorithm."""
+    """chunks=1..4 cut the row-parallel forward into that many all-reduces, by rows (300 rows:
+    pieces of 8-row multiples, all non-empty) and by columns (384: blocks of 8-column multiples,
+    through the scratch buffer), and give the output of chunks=1, within a rounding: the GEMM of
+    fewer rows or columns may take another cuBLASLt algorithm."""
     in_f, out_f, rows = 256, 384, 300
     name = f"{tag}/chunks/{dtype}"
     lin = full_linear(name, in_f, out_f, True, dtype)
@@ -81,21 +82,24 @@ def check_row_chunks(group, device, tag, dtype):
     x = x_full.tensor_split(group.size, dim=-1)[group.rank].contiguous().to(device)
     ref = torch.nn.functional.linear(x_full.double(), lin.weight.double(), lin.bias.double())
     outs = {}
-    for chunks in (1, 2, 3, 4, 0):
-        layer = tpext.RowParallelLinear.from_linear(lin, group, chunks=chunks)
+    cuts = [(c, "auto") for c in (1, 2, 3, 4, 0)] + [(c, "columns") for c in (2, 3, 4)] + [(3, "rows")]
+    for chunks, chunk_by in cuts:
+        layer = tpext.RowParallelLinear.from_linear(lin, group, chunks=chunks, chunk_by=chunk_by)
         tpext.reset_stats()
         with torch.no_grad():
-            outs[chunks] = layer(x)
+            outs[chunks, chunk_by] = y = layer(x)
+        what = f"{name}/chunks={chunks} chunk_by={chunk_by}"
         if chunks:
-            assert_counts(group, {"all_reduce": chunks}, f"{name}/chunks={chunks}: forward",
+            assert_counts(group, {"all_reduce": chunks}, f"{what}: forward",
                           {"all_reduce": rows * out_f * x.element_size()})
-        assert_close_rel(outs[chunks], ref, dtype, f"{name}/chunks={chunks}: output")
+        assert_close_rel(y, ref, dtype, f"{what}: output")
     # Each rank's partial product may round differently (one ulp) under another algorithm, and the
     # partials are summed in the dtype: a few ulps of the largest output.
     eps = torch.finfo(dtype).eps
-    for chunks, y in outs.items():
-        torch.testing.assert_close(y, outs[1], rtol=2 * eps, atol=8 * eps * outs[1].abs().max().item(),
-                                   msg=lambda m: f"{name}: chunks={chunks} vs chunks=1: {m}")
+    base = outs[1, "auto"]
+    for (chunks, chunk_by), y in outs.items():
+        torch.testing.assert_close(y, base, rtol=2 * eps, atol=8 * eps * base.abs().max().item(),
+                                   msg=lambda m: f"{name}: chunks={chunks} chunk_by={chunk_by} vs chunks=1: {m}")
     # And the layer's own check (gradients, counts) with a pipelined forward.
     check_row(group, device, f"{tag}/chunks", dtype, True, True, in_f, out_f, chunks=2)
 
@@ -140,9 +144,13 @@ def _assert_same(got, expected, what):
 def graphs_body():
     tp, device, tag = _init()
     tag += "/graph"
-    for activation in ("gelu", "swiglu"):
-        what = f"{tag}/{activation} (rank {tp.rank})"
+    # The last case captures fc2's column blocks: GEMMs into a scratch buffer, and on the comm
+    # stream their all-reduces and the copies into the output.
+    for activation, cut in (("gelu", None), ("swiglu", None), ("gelu", "columns")):
+        what = f"{tag}/{activation}{'/' + cut if cut else ''} (rank {tp.rank})"
         mlp, xs, gs = _mlp_and_data(tp, device, tag, activation)
+        if cut:
+            mlp.linear_fc2.chunks, mlp.linear_fc2.chunk_by = 3, cut
         params = list(mlp.parameters())
 
         # Forward only. Warm up on a side stream first: NCCL connects and cuBLASLt plans its GEMMs

@@ -63,5 +63,5 @@ def _column_parallel_backward_fake(grad_out, input, weight, bias_grad, need_weig
 
 
 @torch.library.register_fake("tpext::row_parallel_linear")
-def _row_parallel_linear_fake(input, weight, bias, comm, chunks):
+def _row_parallel_linear_fake(input, weight, bias, comm, chunks, chunk_by="auto"):
     return input.new_empty(_with_last(input, weight.shape[0]))

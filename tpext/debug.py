@@ -66,6 +66,7 @@ def set_enabled(flag: bool) -> None:
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "row_parallel_linear",
        "column_parallel_backward")
 _REDUCE_OPS = ("sum", "prod", "max", "min", "avg")
+CHUNK_BY = ("auto", "rows", "columns")  # row_parallel_linear's chunk_by, in the record's dim slot
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32,
            torch.int64, torch.bool, torch.complex64, torch.complex128, torch.int16)
 _DEVICES = ("cpu", "cuda")
@@ -120,7 +121,7 @@ def describe(rec: Sequence[int], extra_name: str = "src") -> str:
     if reduce_op != _NONE:
         parts.append(f"op={name(_REDUCE_OPS, reduce_op)!r}")
     if dim != _NONE:
-        parts.append(f"dim={dim}")
+        parts.append(f"chunk_by={name(CHUNK_BY, dim)!r}" if op == "row_parallel_linear" else f"dim={dim}")
     if extra != _NONE:
         parts.append(f"{'chunks' if op == 'row_parallel_linear' else 'src'}={extra}")
     return f"{op}({', '.join(parts)})"

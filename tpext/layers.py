@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .debug import CHUNK_BY
 from .groups import Group
 from .linear_functions import ColumnParallelLinearFunction, RowParallelLinearFunction, use_native
 from .mappings import _GatherFromRegion, _ScatterToRegion, resolve_group
@@ -248,21 +249,29 @@ class RowParallelLinear(nn.Module):
     input_is_parallel: the input arrives already split (the output of a ColumnParallelLinear);
         otherwise it is the full input and each rank keeps its slice (its gradient is all-gathered
         backward).
-    chunks: the native forward cuts the rows into this many pieces whose GEMMs overlap the
-        previous piece's all-reduce; 0 picks from the problem size. The result does not depend on it.
+    chunks, chunk_by: the native forward cuts its output into `chunks` pieces, each all-reduced
+        while the next one's GEMM runs; 0 picks the count from the problem size. chunk_by "rows"
+        cuts the tokens (for many tokens, where the GEMMs are compute-bound), "columns" the output
+        features (for few tokens, where each GEMM is bound by reading its slice of the weights,
+        which row pieces would re-read), "auto" (default) lets the size decide. The result does not
+        depend on either, beyond rounding.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
-                 group: Optional[Group] = None, device=None, dtype=None, *, chunks: int = 0):
+                 group: Optional[Group] = None, device=None, dtype=None, *, chunks: int = 0,
+                 chunk_by: str = "auto"):
         super().__init__()
         what = type(self).__name__
         self.in_features = _positive_int(what, "in_features", in_features)
         self.out_features = _positive_int(what, "out_features", out_features)
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0:
             raise ValueError(f"{what}: chunks: expected an int >= 0 (0 = automatic), got {chunks!r}")
+        if chunk_by not in CHUNK_BY:
+            raise ValueError(f"{what}: chunk_by: expected one of {', '.join(map(repr, CHUNK_BY))}, got {chunk_by!r}")
         self.group = resolve_group(group, what)
         self.input_is_parallel = bool(input_is_parallel)
         self.chunks = chunks
+        self.chunk_by = chunk_by
         self.partition_sizes = tuple(split_sizes(in_features, self.group.size))
         self.input_size_per_partition = self.partition_sizes[self.group.rank]
         self._every_shard_nonempty = min(self.partition_sizes) > 0
@@ -300,13 +309,13 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Optional[Group] = None, *, input_is_parallel: bool = True,
-                    chunks: int = 0) -> "RowParallelLinear":
+                    chunks: int = 0, chunk_by: str = "auto") -> "RowParallelLinear":
         """This rank's shard of `linear` (any device and dtype; the copy lands on the GPU of an NCCL
         group, else on `linear`'s device): the TP layer computes what `linear` computes."""
         _check_linear(cls.__name__, linear)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     input_is_parallel=input_is_parallel, group=group, device="meta", dtype=linear.weight.dtype,
-                    chunks=chunks)
+                    chunks=chunks, chunk_by=chunk_by)
         device = _target_device(cls.__name__ + ".from_linear", layer.group, linear)
         bias = linear.bias.detach().to(device, copy=True) if linear.bias is not None else None
         layer._set_parameters(layer._shard(linear.weight).to(device), bias, linear)
@@ -321,10 +330,10 @@ class RowParallelLinear(nn.Module):
             _check_input(what, input, self.weight, self.in_features, "in_features, input_is_parallel=False", self.group)
             input = _ScatterToRegion.apply(input, self.group)
         return RowParallelLinearFunction.apply(input, self.weight, self.bias, self.group, self.chunks,
-                                               use_native(input, self._every_shard_nonempty))
+                                               use_native(input, self._every_shard_nonempty), self.chunk_by)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (this rank: {self.input_size_per_partition}), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}, chunks={self.chunks}, "
+                f"input_is_parallel={self.input_is_parallel}, chunks={self.chunks}, chunk_by={self.chunk_by!r}, "
                 f"tp={self.group.rank}/{self.group.size}")

@@ -97,18 +97,19 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
 
 
 class RowParallelLinearFunction(torch.autograd.Function):
-    """apply(input, weight, bias, group, chunks, native) -> the full output, the same on every
-    rank. The reduce-from-region crossing is fused in: the forward all-reduces the partial
-    products (the native op in `chunks` row pieces overlapping the GEMMs, 0 = automatic), and
-    the replicated bias is added once."""
+    """apply(input, weight, bias, group, chunks, native, chunk_by="auto") -> the full output, the
+    same on every rank. The reduce-from-region crossing is fused in: the forward all-reduces the
+    partial products (the native op in `chunks` pieces of rows or columns, chunk_by, overlapping
+    the GEMMs; 0 = automatic), and the replicated bias is added once."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, group, chunks, native):
+    def forward(ctx, input, weight, bias, group, chunks, native, chunk_by="auto"):
         if native:
             if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce outputs of one shape
                 debug.check(group, "row_parallel_linear", tuple(input.shape[:-1]) + (weight.shape[0],), input.dtype,
-                            "cuda", reduce_op="sum", extra=chunks)
-            out = call_native(torch.ops.tpext.row_parallel_linear, input, weight, bias, group._nccl, chunks)
+                            "cuda", reduce_op="sum", dim=debug.CHUNK_BY.index(chunk_by), extra=chunks)
+            out = call_native(torch.ops.tpext.row_parallel_linear, input, weight, bias, group._nccl, chunks,
+                              chunk_by)
         else:
             out = group.all_reduce(F.linear(input, weight))
             if bias is not None:
@@ -132,4 +133,4 @@ class RowParallelLinearFunction(torch.autograd.Function):
             if need_x:
                 dx = grad.matmul(weight)
             dw, db = _torch_weight_grads(grad, input, need_w, need_b)
-        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None)

@@ -38,11 +38,12 @@ def _check_activation(what: str, activation) -> str:
 
 class ParallelMLP(nn.Module):
     """hidden -> ffn_hidden -> hidden over the TP group: linear_fc1 is a ColumnParallelLinear
-    (for swiglu: gate and up stacked, stride 2), linear_fc2 a RowParallelLinear; `chunks` goes to
-    the latter. Parameters as in ColumnParallelLinear / RowParallelLinear."""
+    (for swiglu: gate and up stacked, stride 2), linear_fc2 a RowParallelLinear; `chunks` and
+    `chunk_by` go to the latter. Parameters as in ColumnParallelLinear / RowParallelLinear."""
 
     def __init__(self, hidden: int, ffn_hidden: int, activation: str = "gelu", bias: bool = True,
-                 group: Optional[Group] = None, device=None, dtype=None, *, chunks: int = 0):
+                 group: Optional[Group] = None, device=None, dtype=None, *, chunks: int = 0,
+                 chunk_by: str = "auto"):
         super().__init__()
         what = type(self).__name__
         self.hidden = _positive_int(what, "hidden", hidden)
@@ -54,7 +55,8 @@ class ParallelMLP(nn.Module):
                                                    activation="gelu")
         else:
             self.linear_fc1 = ColumnParallelLinear(hidden, 2 * ffn_hidden, bias, False, group, device, dtype, stride=2)
-        self.linear_fc2 = RowParallelLinear(ffn_hidden, hidden, bias, True, group, device, dtype, chunks=chunks)
+        self.linear_fc2 = RowParallelLinear(ffn_hidden, hidden, bias, True, group, device, dtype, chunks=chunks,
+                                            chunk_by=chunk_by)
 
     @property
     def group(self) -> Group:
@@ -75,7 +77,7 @@ class ParallelMLP(nn.Module):
 
     @classmethod
     def from_linears(cls, linears: Sequence[nn.Linear], activation: str = "gelu", group: Optional[Group] = None,
-                     *, chunks: int = 0) -> "ParallelMLP":
+                     *, chunks: int = 0, chunk_by: str = "auto") -> "ParallelMLP":
         """This rank's shard of the full MLP made of `linears`: (fc1, fc2) for gelu, (gate, up,
         down) for swiglu; any device and dtype (the copy lands on the GPU of an NCCL group, else
         where the linears are)."""
@@ -104,7 +106,8 @@ class ParallelMLP(nn.Module):
                     raise ValueError(f"{what}: {name}: expected {attr} {getattr(first[0].weight, attr)} (that of "
                                      f"{names[0]}), got {getattr(lin.weight, attr)}")
         bias = first[0].bias is not None
-        mlp = cls(hidden, ffn, activation, bias, group, device="meta", dtype=first[0].weight.dtype, chunks=chunks)
+        mlp = cls(hidden, ffn, activation, bias, group, device="meta", dtype=first[0].weight.dtype, chunks=chunks,
+                  chunk_by=chunk_by)
         device = _target_device(what, mlp.group, first[0], names[0])
         fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
         w, b = fc1._shards([lin.weight for lin in first], [lin.bias for lin in first])
@@ -115,7 +118,7 @@ class ParallelMLP(nn.Module):
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, activation: Optional[str] = None, group: Optional[Group] = None,
-                 *, chunks: int = 0) -> "ParallelMLP":
+                 *, chunks: int = 0, chunk_by: str = "auto") -> "ParallelMLP":
         """Shards a full MLP module found by its attribute names: gelu fc1/fc2 (or dense_h_to_4h /
         dense_4h_to_h, linear_fc1 / linear_fc2), swiglu gate_proj/up_proj/down_proj (Hugging Face
         Llama) or w1/w3/w2 (Meta's Llama: w2(silu(w1(x)) * w3(x))). activation=None infers it from
@@ -128,7 +131,8 @@ class ParallelMLP(nn.Module):
         for act in ((activation,) if activation else _ACTIVATIONS):
             for names in _KNOWN_NAMES[act]:
                 if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in names):
-                    return cls.from_linears([getattr(mlp, n) for n in names], act, group, chunks=chunks)
+                    return cls.from_linears([getattr(mlp, n) for n in names], act, group, chunks=chunks,
+                                            chunk_by=chunk_by)
         known = "; ".join(f"{a}: " + " or ".join("/".join(n) for n in _KNOWN_NAMES[a])
                           for a in ((activation,) if activation else _ACTIVATIONS))
         raise ValueError(f"{what}: mlp: expected nn.Linear attributes named {known}; {type(mlp).__name__} has none of "

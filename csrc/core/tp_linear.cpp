@@ -66,22 +66,105 @@ int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size) {
   return chunks;
 }
 
+RowPlan plan_row_parallel(int64_t m, int64_t n, DataType dtype, int world_size, int chunks, PieceAxis axis) {
+  if (chunks < 0)
+    throw_invalid_argument("row_parallel_forward: chunks: expected >= 0 (0 = automatic), got " + std::to_string(chunks));
+  RowPlan plan;
+  const int64_t bytes = m * n * static_cast<int64_t>(element_size(dtype));
+  if (chunks > 0) {
+    plan.axis = axis == PieceAxis::kColumns ? PieceAxis::kColumns : PieceAxis::kRows;
+    plan.pieces = chunks;
+  } else if (world_size <= 1 || bytes < (int64_t{1} << 20)) {
+    plan.pieces = 1;
+  } else if (axis == PieceAxis::kColumns || (axis == PieceAxis::kAuto && m < 512)) {
+    plan.axis = PieceAxis::kColumns;
+    plan.pieces = bytes < (int64_t{2} << 20) ? 2 : 4;
+    while (plan.pieces > 1 && n / plan.pieces < 256) --plan.pieces;
+  } else {
+    plan.pieces = choose_row_chunks(m, n, dtype, world_size);
+  }
+  const int64_t len = plan.axis == PieceAxis::kColumns ? n : m;
+  plan.pieces = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(plan.pieces, (len + 7) / 8)));
+  if (plan.pieces == 1) plan.axis = PieceAxis::kRows;
+  return plan;
+}
+
+size_t row_parallel_scratch_bytes(const RowPlan& plan, int64_t m, int64_t n, DataType dtype) {
+  return plan.axis == PieceAxis::kColumns ? static_cast<size_t>(m * n) * element_size(dtype) : 0;
+}
+
+namespace {
+
+// Column blocks (see PieceAxis): block j = y[:, c0:c1] = x · w[c0:c1, :]^T (+ bias[c0:c1] on rank
+// 0) into scratch[m*c0 ...] as a packed [m, c1-c0] matrix, all-reduced there, then copied into its
+// columns of y, both on the comm stream, while block j+1 multiplies on the caller's.
+void row_parallel_by_columns(Communicator& comm, const RowParallelForward& a, int blocks, bool with_bias,
+                             int beside_sms, Workspace ws, cudaStream_t caller) {
+  if (a.scratch == nullptr)
+    throw_invalid_argument("row_parallel_forward: scratch: expected row_parallel_scratch_bytes() of device memory "
+                           "for column blocks, got null");
+  const size_t es = element_size(a.dtype);
+  for (int j = 0; j < blocks; ++j) {
+    int64_t c0 = 0, c1 = 0;
+    chunk_rows(a.n, blocks, j, &c0, &c1);  // the same cut, along the columns
+    if (c1 <= c0) continue;
+    MatmulDesc d;
+    d.m = a.m;
+    d.n = c1 - c0;
+    d.k = a.k;
+    d.trans_b = true;
+    d.dtype = a.dtype;
+    d.allow_tf32 = a.allow_tf32;
+    d.epilogue = with_bias ? Epilogue::kBias : Epilogue::kNone;
+    if (j > 0 && comm.size() > 1) d.sm_count_target = beside_sms;
+    MatmulPointers p;
+    p.a = a.x;
+    p.b = offset(a.w, c0 * a.k, a.dtype);  // rows c0..c1 of w [n, k]: contiguous
+    p.d = offset(a.scratch, a.m * c0, a.dtype);
+    p.bias = with_bias ? offset(a.bias, c0, a.dtype) : nullptr;
+    matmul(d, p, ws.ptr, ws.bytes, caller);
+    comm.fence_in(caller);
+    Collective c;
+    c.kind = CollectiveKind::kAllReduce;
+    c.send = p.d;
+    c.recv = p.d;
+    c.count = static_cast<size_t>(a.m * d.n);
+    c.dtype = a.dtype;
+    comm.enqueue(c);
+    TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(offset(a.y, c0, a.dtype), static_cast<size_t>(a.n) * es, p.d,
+                                       static_cast<size_t>(d.n) * es, static_cast<size_t>(d.n) * es,
+                                       static_cast<size_t>(a.m), cudaMemcpyDeviceToDevice, comm.stream()));
+  }
+}
+
+}  // namespace
+
 void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Workspace ws, cudaStream_t caller) {
   const char* where = "row_parallel_forward";
   check_sizes(a.m, a.n, a.k, where);
   check_gemm_dtype(a.dtype, a.allow_tf32, where);
-  if (a.chunks < 0) throw_invalid_argument("row_parallel_forward: chunks: expected >= 0 (0 = automatic), got " + std::to_string(a.chunks));
+  const RowPlan plan = plan_row_parallel(a.m, a.n, a.dtype, comm.size(), a.chunks, a.axis);
   if (a.m == 0 || a.n == 0) return;
   if (a.y == nullptr || (a.k > 0 && (a.x == nullptr || a.w == nullptr)))
     throw_invalid_argument("row_parallel_forward: x, w, y: expected device pointers, got null");
-  int chunks = a.chunks == 0 ? choose_row_chunks(a.m, a.n, a.dtype, comm.size()) : a.chunks;
-  chunks = static_cast<int>(std::min<int64_t>(chunks, (a.m + 7) / 8));  // pieces of >= 8 rows
-  chunks = std::max(chunks, 1);
   const bool with_bias = a.bias != nullptr && comm.rank() == 0;
+  if (a.k == 0 && with_bias) {
+    // The empty product is zero; the bias alone is y on rank 0. Rather than a kernel of our own,
+    // reject: a row-parallel layer with an empty shard on rank 0 is a configuration error (more
+    // ranks than input features).
+    throw_invalid_argument("row_parallel_forward: k: rank 0 holds an empty input shard (k == 0) but must add the bias; "
+                           "use fewer ranks than input features");
+  }
   // Pieces after the first run beside the previous piece's all-reduce.
   const int beside_sms = overlap_sm_target(comm.device(), a.comm_sms);
 
   DeviceGuard guard(comm.device());
+  if (plan.axis == PieceAxis::kColumns) {
+    row_parallel_by_columns(comm, a, plan.pieces, with_bias, beside_sms, ws, caller);
+    comm.fence_out(caller);
+    return;
+  }
+  const int chunks = plan.pieces;
   for (int i = 0; i < chunks; ++i) {
     int64_t r0 = 0, r1 = 0;
     chunk_rows(a.m, chunks, i, &r0, &r1);
@@ -100,13 +183,6 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     p.b = a.w;
     p.d = offset(a.y, r0 * a.n, a.dtype);
     p.bias = with_bias ? a.bias : nullptr;
-    if (a.k == 0 && with_bias) {
-      // The empty product is zero; the bias alone is y on rank 0. Copy it row by row? Rather than
-      // a kernel of our own, reject: a row-parallel layer with an empty shard on rank 0 is a
-      // configuration error (more ranks than input features).
-      throw_invalid_argument("row_parallel_forward: k: rank 0 holds an empty input shard (k == 0) but must add the bias; "
-                             "use fewer ranks than input features");
-    }
     matmul(d, p, ws.ptr, ws.bytes, caller);
     comm.fence_in(caller);
     Collective c;

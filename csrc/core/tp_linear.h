@@ -19,9 +19,36 @@ struct Workspace {
   size_t bytes = 0;
 };
 
+// How the row-parallel forward cuts its work into pieces, so that the GEMM of piece i+1 runs while
+// piece i is all-reduced:
+//  - rows: pieces of y's rows; each piece's GEMM reads the whole weight shard. Right when the GEMM
+//    is compute-bound (many rows): the weights are re-read per piece from L2/HBM at little cost.
+//  - columns: blocks of y's columns; block j's GEMM reads only rows c0..c1 of w, so the weight
+//    shard is still read once in all. Right when the GEMM is bound by reading the weights (few
+//    rows, the decode / small-batch case), where row pieces would each re-read all of them. Each
+//    block is written to its own contiguous part of a scratch buffer (NCCL needs contiguous
+//    memory), all-reduced there, and copied into its columns of y on the comm stream.
+enum class PieceAxis { kAuto, kRows, kColumns };
+
+struct RowPlan {
+  PieceAxis axis = PieceAxis::kRows;  // kRows or kColumns, never kAuto
+  int pieces = 1;
+};
+
+// The cut for y[m,n] of `dtype` on `world_size` ranks. chunks > 0 fixes the piece count (rows when
+// axis is kAuto, as before column blocks existed); chunks == 0 chooses it: one piece on one rank
+// or below 1 MiB of output (the all-reduce is latency: pipelining would only add launches); column
+// blocks while m < 512 (the GEMM reads its weights at under ~500 flops a byte, memory-bound on
+// H100/H200), 2 below 2 MiB else 4, each of >= 256 columns; else choose_row_chunks. Pieces are
+// clamped to multiples of 8 rows/columns; one column block is the same as one row piece and is
+// reported as rows. Throws InvalidArgument for chunks < 0.
+RowPlan plan_row_parallel(int64_t m, int64_t n, DataType dtype, int world_size, int chunks, PieceAxis axis);
+
+// Bytes of scratch row_parallel_forward needs under `plan`: m*n elements for column blocks, else 0.
+size_t row_parallel_scratch_bytes(const RowPlan& plan, int64_t m, int64_t n, DataType dtype);
+
 // Row-parallel forward: y[m,n] = sum over ranks of x_local[m,k_local] · w_local[n,k_local]^T, plus
-// bias[n] once. The m rows are cut into `chunks` pieces: the GEMM of piece i+1 runs on the caller's
-// stream while the all-reduce of piece i runs on the comm stream. The bias rides on rank 0's GEMM
+// bias[n] once, in the pieces plan_row_parallel() chooses. The bias rides on rank 0's GEMM
 // epilogue, so it is in the sum exactly once and costs no extra kernel.
 struct RowParallelForward {
   const void* x = nullptr;
@@ -31,8 +58,12 @@ struct RowParallelForward {
   int64_t m = 0, n = 0, k = 0;
   DataType dtype = DataType::kBFloat16;
   bool allow_tf32 = false;
-  int chunks = 0;  // 0: choose_row_chunks()
+  int chunks = 0;  // 0: chosen by plan_row_parallel()
+  PieceAxis axis = PieceAxis::kAuto;
   int comm_sms = 0;  // see overlap_sm_target()
+  // row_parallel_scratch_bytes() of device memory when the plan cuts columns; unused otherwise.
+  // Free for reuse once the caller's stream has passed this op (the comm stream is joined).
+  void* scratch = nullptr;
 };
 void row_parallel_forward(Communicator& comm, const RowParallelForward& args, Workspace ws, cudaStream_t caller);
 

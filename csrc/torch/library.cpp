@@ -21,5 +21,5 @@ TORCH_LIBRARY_FRAGMENT(tpext, m) {
         "bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
   m.def("column_parallel_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, "
         "bool need_weight_grad, int comm) -> (Tensor, Tensor, Tensor)");
-  m.def("row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, int comm, int chunks) -> Tensor");
+  m.def("row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, int comm, int chunks, str chunk_by=\"auto\") -> Tensor");
 }

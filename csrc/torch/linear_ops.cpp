@@ -206,14 +206,23 @@ Triple column_parallel_backward_impl(const at::Tensor& grad_out, const at::Tenso
   return out;
 }
 
+core::PieceAxis piece_axis(const std::string& chunk_by) {
+  if (chunk_by == "auto") return core::PieceAxis::kAuto;
+  if (chunk_by == "rows") return core::PieceAxis::kRows;
+  if (chunk_by == "columns") return core::PieceAxis::kColumns;
+  throw core::InvalidArgument("row_parallel_linear: chunk_by: expected 'auto', 'rows' or 'columns', got '" + chunk_by + "'");
+}
+
 at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, int64_t handle, int64_t chunks) {
+                                    const std::optional<at::Tensor>& bias, int64_t handle, int64_t chunks,
+                                    const std::string& chunk_by) {
   at::Tensor out;
   TPEXT_TRANSLATE_ERRORS({
     auto comm = lookup_communicator(handle, "row_parallel_linear");
     auto [m, n, k] = check_linear("row_parallel_linear", input, weight, bias);
     check_comm_device(*comm, input, "row_parallel_linear");
     require(chunks >= 0, "row_parallel_linear: chunks: expected >= 0 (0 = automatic), got " + std::to_string(chunks));
+    const core::PieceAxis axis = piece_axis(chunk_by);
     c10::cuda::CUDAGuard guard(input.device());
     out = at::empty(with_last(input, n), input.options());
     core::RowParallelForward a;
@@ -227,7 +236,17 @@ at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& w
     a.dtype = gemm_dtype(input, "row_parallel_linear");
     a.allow_tf32 = tf32(input);
     a.chunks = static_cast<int>(chunks);
+    a.axis = axis;
     a.comm_sms = overlap_sms();
+    // Column blocks are all-reduced in a scratch buffer; the comm stream is joined into the
+    // caller's before the op returns, so the allocator may hand it out again after that.
+    const size_t scratch_bytes =
+        core::row_parallel_scratch_bytes(core::plan_row_parallel(m, n, a.dtype, comm->size(), a.chunks, axis), m, n, a.dtype);
+    at::Tensor scratch;
+    if (scratch_bytes > 0) {
+      scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, input.options().dtype(at::kByte));
+      a.scratch = scratch.data_ptr();
+    }
     at::Tensor ws_holder;
     core::Workspace ws = workspace_for(input, ws_holder);
     core::row_parallel_forward(*comm, a, ws, stream_of(input));

@@ -61,6 +61,50 @@ TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
   }
 }
 
+TEST(RowPlan, ColumnBlocksForFewTokensRowPiecesForManyOneWhenLatencyBound) {
+  const auto bf16 = DataType::kBFloat16;
+  auto plan = plan_row_parallel(256, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 4 MiB, weight-bound GEMM
+  EXPECT_EQ(plan.axis, PieceAxis::kColumns);
+  EXPECT_EQ(plan.pieces, 4);
+  EXPECT_EQ(row_parallel_scratch_bytes(plan, 256, 8192, bf16), size_t{256} * 8192 * 2);
+  plan = plan_row_parallel(96, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 1.5 MiB
+  EXPECT_EQ(plan.axis, PieceAxis::kColumns);
+  EXPECT_EQ(plan.pieces, 2);
+  plan = plan_row_parallel(16, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 256 KiB: latency-bound
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, 1);
+  EXPECT_EQ(row_parallel_scratch_bytes(plan, 16, 8192, bf16), 0u);
+  plan = plan_row_parallel(16384, 8192, bf16, 2, 0, PieceAxis::kAuto);
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, choose_row_chunks(16384, 8192, bf16, 2));
+  plan = plan_row_parallel(256, 8192, bf16, 1, 0, PieceAxis::kAuto);  // nothing to hide on one rank
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, 1);
+  plan = plan_row_parallel(300, 600, bf16, 2, 0, PieceAxis::kAuto);  // blocks keep >= 256 columns
+  EXPECT_EQ(plan.pieces, 1) << "360 KB";
+  plan = plan_row_parallel(400, 600, DataType::kFloat32, 2, 0, PieceAxis::kColumns);  // 960 KB: still one
+  EXPECT_EQ(plan.pieces, 1);
+  plan = plan_row_parallel(2000, 600, DataType::kFloat32, 2, 0, PieceAxis::kColumns);  // 4.8 MB, 600 cols
+  EXPECT_EQ(plan.axis, PieceAxis::kColumns);
+  EXPECT_EQ(plan.pieces, 2);
+  // An explicit count: rows unless columns are asked for; clamped to pieces of >= 8.
+  plan = plan_row_parallel(256, 8192, bf16, 2, 3, PieceAxis::kAuto);
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, 3);
+  plan = plan_row_parallel(256, 40, bf16, 1, 100, PieceAxis::kColumns);
+  EXPECT_EQ(plan.axis, PieceAxis::kColumns);
+  EXPECT_EQ(plan.pieces, 5);
+  plan = plan_row_parallel(256, 8, bf16, 2, 4, PieceAxis::kColumns);  // one block is one row piece
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, 1);
+  try {
+    plan_row_parallel(256, 8192, bf16, 2, -1, PieceAxis::kAuto);
+    ADD_FAILURE() << "chunks -1 was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("chunks"), std::string::npos) << e.what();
+  }
+}
+
 TEST(OverlapSms, ZeroLeavesTheChoiceToCublasLtAndNegativeIsRejected) {
   // Host-side: neither asks the device anything.
   EXPECT_EQ(overlap_sm_target(0, 0), 0);
@@ -180,8 +224,24 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
     Stream s(r);
     DeviceBuffer ws = workspace(r);
     // comm_sms 16: the pieces after the first are sized to leave 16 SMs to the all-reduce; the
-    // result must not change with it.
-    for (auto [chunks, comm_sms] : std::vector<std::pair<int, int>>{{1, 0}, {2, 0}, {3, 0}, {4, 0}, {7, 0}, {3, 16}}) {
+    // result must not change with it. Column blocks (the last cases) go through the scratch buffer.
+    struct Cut {
+      int chunks;
+      PieceAxis axis;
+      int comm_sms;
+    };
+    const std::vector<Cut> cuts{{1, PieceAxis::kRows, 0},    {2, PieceAxis::kRows, 0},    {3, PieceAxis::kRows, 0},
+                                {4, PieceAxis::kRows, 0},    {7, PieceAxis::kRows, 0},    {3, PieceAxis::kRows, 16},
+                                {2, PieceAxis::kColumns, 0}, {3, PieceAxis::kColumns, 0}, {5, PieceAxis::kColumns, 0},
+                                {3, PieceAxis::kColumns, 16}};
+    for (const Cut& cut : cuts) {
+      const int chunks = cut.chunks, comm_sms = cut.comm_sms;
+      const RowPlan plan = plan_row_parallel(m, n_out, dt, n, chunks, cut.axis);
+      const size_t scratch_bytes = row_parallel_scratch_bytes(plan, m, n_out, dt);
+      if (cut.axis == PieceAxis::kColumns) {
+        EXPECT_GT(scratch_bytes, 0u) << tag << " columns=" << chunks;
+      }
+      DeviceBuffer scratch(r, scratch_bytes);
       Device y(r, static_cast<size_t>(m * n_out), dt);
       RowParallelForward a;
       a.x = x.buf.get();
@@ -193,14 +253,16 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
       a.k = k_of[r];
       a.dtype = dt;
       a.chunks = chunks;
+      a.axis = cut.axis;
       a.comm_sms = comm_sms;
+      a.scratch = scratch.get();
       {
         DeviceGuard g(r);
         row_parallel_forward(*comm, a, Workspace{ws.get(), ws.bytes()}, s.get());
       }
       expect_close(y.read(m * n_out, dt, s.get()), want, scale, tolerance(dt),
-                   tag + " chunks=" + std::to_string(chunks) + " comm_sms=" + std::to_string(comm_sms) + " rank " +
-                       std::to_string(r));
+                   tag + (cut.axis == PieceAxis::kColumns ? " column blocks=" : " row chunks=") +
+                       std::to_string(chunks) + " comm_sms=" + std::to_string(comm_sms) + " rank " + std::to_string(r));
     }
     comm->destroy();
   });
