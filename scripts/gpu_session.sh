@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# One batched run on a lent GPU box: build, C++ suite, Python suite, demo, benchmarks. Logs go to
-# $OUT (or ./out) so they come back even when a step fails. Usage:
-#   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [bench-mlp] ...   (default: all)
+# One batched run on a lent GPU box: build, C++ suite, Python suite, demo, benchmarks, profile.
+# Logs and JSON go to $OUT (or ./out) so they come back even when a step fails or the call's time
+# runs out. Usage:
+#   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [profile] [sweep] [chunk-by] [bench-mlp]
+# (default: tests demo bench-allreduce bench-mlp). Environment:
+#   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
+#   SWEEP        overlap SM counts for `sweep` (default "0 16 32"); its best goes to bench-mlp
+#   MLP_ARGS     extra bench/mlp.py arguments
+# A device call has ~10 minutes: `tests` alone fills one on 2 GPUs; `demo bench-allreduce` fit
+# before it, `profile sweep chunk-by bench-mlp` in a second call.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests demo bench-allreduce bench-mlp)
-# The device tool brings back at most 8 files: logs travel as one archive, results as themselves,
-# also when an outer `timeout` stops this script part-way.
-archive() { (cd "$OUT" && ls *.log *.txt >/dev/null 2>&1 && tar czf logs.tgz *.log *.txt && rm -f *.log *.txt); ls -la "$OUT"; }
+start=$(date +%s)
+deadline=$((start + ${DEADLINE_S:-570}))
+left() { echo $(( deadline - $(date +%s) )); }
+stamp() { echo "[gpu_session] $1 at +$(( $(date +%s) - start )) s"; }
+# The device tool brings back at most 8 files: logs and traces travel as one archive, JSON results
+# as themselves, also when an outer `timeout` stops this script part-way.
+archive() {
+  (cd "$OUT" && files=$(ls *.log *.txt trace-*.json.gz 2>/dev/null || true) && [ -n "$files" ] &&
+    tar czf logs.tgz $files && rm -f $files)
+  ls -la "$OUT"
+}
 trap 'archive; exit 124' TERM
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
@@ -24,48 +39,111 @@ set +e  # env.sh sets -e; here every step runs and reports, whatever the one bef
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
 nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
 ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
-start=$(date +%s)
-stamp() { echo "[gpu_session] $1 at +$(( $(date +%s) - start )) s"; }
+RUN="$PY -m torch.distributed.run --standalone --nproc-per-node $ngpu"
 
-tpext_build > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
-stamp "built"
+# The extension and the C++ suite build side by side (~1 min on the boxes).
 if has tests; then
-  if [ ! -f /usr/include/gtest/gtest.h ]; then echo "no gtest headers" | tee "$OUT/ctest.log"; fi
-  (cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" && cmake --build build/cmake &&
-    cd build/cmake && timeout "${CTEST_TIMEOUT:-240}" ctest --output-on-failure) > "$OUT/ctest.log" 2>&1
-  echo "ctest rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -5
-  grep -cE "^\[  SKIPPED \]" "$OUT/ctest.log" | sed 's/^/gtest skipped lines: /'
-  stamp "ctest done"
-  # A failed launch writes its report at once (a run cut short keeps it), and a hung one costs
-  # at most the cap. The CPU-only files run beside the GPU ones with the GPUs hidden (xdist, where
-  # the box has it); the GPU files run one at a time, verbose, so a cut log still says how far.
-  export TPEXT_TEST_FAILURE_LOG="$OUT/failures.txt" TPEXT_TEST_LAUNCH_TIMEOUT_S=${TPEXT_TEST_LAUNCH_TIMEOUT_S:-150}
-  cpu_files=$(ls tests/test_*.py | grep -v _gpu.py | tr '\n' ' ')
-  gpu_files=$(ls tests/test_*_gpu.py | tr '\n' ' ')
-  xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
-  (CUDA_VISIBLE_DEVICES= TPEXT_TEST_FAILURE_LOG="$OUT/failures_cpu.txt" timeout "${PYTEST_TIMEOUT:-420}" \
-    "$PY" -m pytest -q -rs $xdist ${PYTEST_CPU_PATHS:-$cpu_files} -p no:cacheprovider > "$OUT/pytest_cpu.log" 2>&1;
-    echo "cpu pytest rc=$?" >> "$OUT/pytest_cpu.log") &
-  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -v -rs -rx ${PYTEST_PATHS:-$gpu_files} -p no:cacheprovider \
-    --durations=30 > "$OUT/pytest.log" 2>&1
-  echo "gpu pytest rc=$?"; tail -3 "$OUT/pytest.log"; grep -E "FAILED|ERROR|^SKIPPED" "$OUT/pytest.log" | head -20
-  [ -f "$OUT/failures.txt" ] && head -c 4000 "$OUT/failures.txt"
-  wait; tail -2 "$OUT/pytest_cpu.log"
-  stamp "pytest done"
+  (cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" && cmake --build build/cmake) > "$OUT/cmake.log" 2>&1 &
+  cmake_pid=$!
 fi
+tpext_build > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; archive; exit 1; }
+if has tests; then wait "$cmake_pid"; echo "cmake build rc=$?"; fi  # no compiler beside the timed steps
+stamp "built"
+
+# Timed steps first, on an otherwise idle box.
 if has demo; then
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" -m tpext > "$OUT/demo.log" 2>&1
+  timeout 150 $RUN -m tpext > "$OUT/demo.log" 2>&1
   echo "demo rc=$?"; tail -30 "$OUT/demo.log"
   stamp "demo done"
 fi
 if has bench-allreduce && [ "$ngpu" -ge 2 ]; then
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/allreduce.py --out "$OUT/allreduce.json" > "$OUT/bench_allreduce.log" 2>&1
-  echo "bench allreduce rc=$?"; tail -25 "$OUT/bench_allreduce.log"
+  timeout 150 $RUN bench/allreduce.py --out "$OUT/allreduce.json" > "$OUT/bench_allreduce.log" 2>&1
+  echo "bench allreduce rc=$?"; tail -6 "$OUT/bench_allreduce.log"
   stamp "bench allreduce done"
 fi
+if has profile && [ "$ngpu" -ge 2 ]; then
+  for c in 0 16; do
+    if [ "$c" = 0 ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
+    timeout 90 $RUN bench/kernel_timeline.py --overlap-sms "$c" -M 4096 --trace-dir "$OUT" > "$OUT/profile-sms$c.log" 2>&1
+    echo "profile overlap-sms $c rc=$?"; grep -E "^== " "$OUT/profile-sms$c.log"
+  done
+  unset NCCL_MAX_CTAS
+  stamp "profile done"
+fi
+best=0
+if has sweep && [ "$ngpu" -ge 2 ]; then
+  best_score=""
+  for c in ${SWEEP:-0 16 32}; do
+    if [ "$c" = 0 ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
+    timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
+      --systems tpext,floor-ops,ar-tpext --overlap-sms "$c" --no-plots --out "$OUT/sweep-sms$c.json" \
+      > "$OUT/sweep-sms$c.log" 2>&1
+    echo "sweep overlap-sms $c rc=$?"
+    # Score: M=4096 fwd+bwd time plus a quarter of M=16384's (both goals weigh alike).
+    score=$("$PY" bench/sweep_score.py "$OUT/sweep-sms$c.json")
+    echo "  score $score"
+    if [ -n "$score" ] && { [ -z "$best_score" ] || "$PY" -c "import sys; sys.exit(0 if $score < $best_score else 1)"; }; then
+      best=$c; best_score=$score
+    fi
+  done
+  unset NCCL_MAX_CTAS
+  echo "$best" > "$OUT/best_overlap_sms.txt"
+  echo "best overlap-sms: $best"
+  stamp "sweep done"
+fi
+overlap_env() { if [ "$best" != 0 ]; then echo "NCCL_MAX_CTAS=$best"; fi; }
+if has chunk-by && [ "$ngpu" -ge 2 ]; then
+  for by in rows auto; do
+    timeout 100 env $(overlap_env) $RUN bench/mlp.py --workloads mlp-8192 -M 128,256,512 --modes fwd --graph eager,graph \
+      --systems tpext,floor-ops,ar-tpext --chunk-by "$by" --overlap-sms "$best" --no-plots \
+      --out "$OUT/chunkby-$by.json" > "$OUT/chunkby-$by.log" 2>&1
+    echo "chunk-by $by rc=$?"; "$PY" bench/sweep_score.py --table "$OUT/chunkby-$by.json"
+  done
+  stamp "chunk-by done"
+fi
 if has bench-mlp && [ -f bench/mlp.py ]; then
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" bench/mlp.py ${MLP_ARGS:-} --out "$OUT/mlp.json" > "$OUT/bench_mlp.log" 2>&1
-  echo "bench mlp rc=$?"; tail -25 "$OUT/bench_mlp.log"
-  stamp "bench mlp done"
+  # The goals' workload first, so that a cut-short call still brings its JSON back.
+  timeout $(( $(left) - 20 )) env $(overlap_env) $RUN bench/mlp.py --workloads mlp-8192 --overlap-sms "$best" \
+    ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-8192.json" > "$OUT/bench_mlp8192.log" 2>&1
+  echo "bench mlp-8192 rc=$?"; sed -n '/^goals/,$p' "$OUT/bench_mlp8192.log" | head -12
+  stamp "bench mlp-8192 done"
+  if [ "$(left)" -gt 150 ]; then
+    timeout $(( $(left) - 15 )) env $(overlap_env) $RUN bench/mlp.py --workloads mlp-4096,attn,layer --overlap-sms "$best" \
+      ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-rest.json" > "$OUT/bench_mlp_rest.log" 2>&1
+    echo "bench mlp-4096,attn,layer rc=$?"; grep -E "done in" "$OUT/bench_mlp_rest.log"
+    stamp "bench rest done"
+  fi
+fi
+# The suites last: they need no idle box, and they take whatever time is left.
+if has tests; then
+  if [ ! -f /usr/include/gtest/gtest.h ]; then echo "no gtest headers" | tee -a "$OUT/ctest.log"; fi
+  (cd build/cmake && timeout 240 ctest --output-on-failure > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?" >> "$OUT/ctest.log") &
+  ctest_pid=$!
+  # A failed launch writes its report at once (a run cut short keeps it), and a hung one costs at
+  # most the cap. The CPU-only files run beside the GPU ones with the GPUs hidden (xdist, where the
+  # box has it); the GPU files run verbose, the cases that need 2 GPUs first (they are what only
+  # this box can run), so a cut log still says how far it got.
+  export TPEXT_TEST_FAILURE_LOG="$OUT/failures.txt" TPEXT_TEST_LAUNCH_TIMEOUT_S=${TPEXT_TEST_LAUNCH_TIMEOUT_S:-150}
+  cpu_files=$(ls tests/test_*.py | grep -v _gpu.py | tr '\n' ' ')
+  gpu_files=$(ls tests/test_*_gpu.py | tr '\n' ' ')
+  xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
+  (CUDA_VISIBLE_DEVICES= TPEXT_TEST_FAILURE_LOG="$OUT/failures_cpu.txt" timeout 400 \
+    "$PY" -m pytest -q -rs $xdist $cpu_files -p no:cacheprovider > "$OUT/pytest_cpu.log" 2>&1;
+    echo "cpu pytest rc=$?" >> "$OUT/pytest_cpu.log") &
+  two="2gpu or dead_rank or diverging or interleaved or tp2_to_tp1 or init_destroy"
+  for part in two one; do
+    [ "$(left)" -gt 40 ] || { echo "no time left for the $part-GPU cases"; continue; }
+    if [ $part = two ]; then sel="$two"; else sel="not ($two)"; fi
+    timeout $(( $(left) - 15 )) "$PY" -m pytest -v -rs -rx $gpu_files -k "$sel" -p no:cacheprovider --durations=30 \
+      > "$OUT/pytest_gpu_$part.log" 2>&1
+    echo "gpu pytest ($part) rc=$?"
+    grep -E "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS" "$OUT/pytest_gpu_$part.log" | grep "::" | sed 's/ *\[ *[0-9]*%\]//'
+    tail -1 "$OUT/pytest_gpu_$part.log"
+  done
+  [ -f "$OUT/failures.txt" ] && head -c 4000 "$OUT/failures.txt"
+  wait "$ctest_pid"; grep -E "tests passed|tests failed|\(Failed\)|ctest rc" "$OUT/ctest.log" | tail -5
+  echo "gtest SKIPPED lines: $(grep -cE '^\[  SKIPPED \]' "$OUT/ctest.log")"
+  wait; tail -2 "$OUT/pytest_cpu.log"
+  stamp "tests done"
 fi
 archive
