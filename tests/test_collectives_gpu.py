@@ -13,12 +13,11 @@ import tpext
 from _checks import (CPU_DTYPES, all_groups, check_destroyed, check_errors, check_every_collective,
                      check_large, check_layout, check_odd_sizes, check_stats, valid_all_reduce)
 from _dist import launch
+from _gpus import GPU_WORLDS, gpu_case
 from _reference import assert_exact, assert_reduced, chunk_of, inputs_of, reduce_reference
 
 GPU_TIMEOUT_S = 300.0  # CUDA + NCCL start-up and the 16M-element references take a while
 HALF_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
-                    pytest.param(2, marks=pytest.mark.gpu(2), id="2gpu")]
 
 
 def _rank_env():
@@ -153,11 +152,17 @@ def nccl_collectives_body(tp_size, backend):
     assert tpext._C.live_handles() == [], f"communicators left after destroy: {tpext._C.live_handles()}"
 
 
+# TP over every GPU, and TP groups of half of them with DP across (TP 1 x DP 2 on two GPUs, TP 2 x
+# DP 2 on four, TP 4 x DP 2 on eight).
 COLLECTIVE_CASES = [
-    pytest.param(1, 1, "nccl", marks=pytest.mark.gpu(1), id="1gpu-tp1-nccl"),
-    pytest.param(1, 1, "auto", marks=pytest.mark.gpu(1), id="1gpu-tp1-auto"),
-    pytest.param(2, 2, "nccl", marks=pytest.mark.gpu(2), id="2gpu-tp2-nccl"),
-    pytest.param(2, 1, "auto", marks=pytest.mark.gpu(2), id="2gpu-tp1-auto"),
+    gpu_case(1, 1, "nccl", id="1gpu-tp1-nccl"),
+    gpu_case(1, 1, "auto", id="1gpu-tp1-auto"),
+    gpu_case(2, 2, "nccl", id="2gpu-tp2-nccl"),
+    gpu_case(2, 1, "auto", id="2gpu-tp1-auto"),
+    gpu_case(4, 4, "nccl", id="4gpu-tp4-nccl"),
+    gpu_case(4, 2, "auto", id="4gpu-tp2-auto"),
+    gpu_case(8, 8, "nccl", id="8gpu-tp8-nccl"),
+    gpu_case(8, 4, "auto", id="8gpu-tp4-auto"),
 ]
 
 
@@ -213,7 +218,7 @@ def stream_order_body():
     tpext.destroy()
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_collectives_are_ordered_on_the_current_stream(gpus):
     launch(stream_order_body, gpus, timeout_s=GPU_TIMEOUT_S)
 
@@ -240,8 +245,8 @@ def reinit_body(tp_sizes):
             torch.ops.tpext.all_reduce(torch.ones(4, device=device), stale, "sum")
 
 
-@pytest.mark.parametrize("gpus, tp_sizes", [pytest.param(1, (1, 1), marks=pytest.mark.gpu(1), id="1gpu"),
-                                            pytest.param(2, (2, 1, 2), marks=pytest.mark.gpu(2), id="2gpu")])
+@pytest.mark.parametrize("gpus, tp_sizes", [gpu_case(1, (1, 1), id="1gpu"), gpu_case(2, (2, 1, 2), id="2gpu"),
+                                            gpu_case(4, (4, 2, 1, 4), id="4gpu"), gpu_case(8, (8, 4, 2, 8), id="8gpu")])
 def test_destroy_then_init_again(gpus, tp_sizes):
     launch(reinit_body, gpus, args=(tp_sizes,), timeout_s=GPU_TIMEOUT_S)
 
@@ -309,6 +314,6 @@ def compile_body():
     tpext.destroy()
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_torch_compile_fullgraph_matches_eager(gpus):
     launch(compile_body, gpus, timeout_s=GPU_TIMEOUT_S)

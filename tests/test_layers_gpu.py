@@ -16,6 +16,7 @@ import torch
 
 import tpext
 from _dist import launch
+from _gpus import GPU_WORLDS, gpu_case
 from _reference import seed_of
 from test_layers import (SIZES, assert_close_rel, assert_counts, check_fresh_init, check_layers,
                          check_mappings, check_row, full_linear, full_tensor)
@@ -23,21 +24,19 @@ from test_mlp import MLP_SIZES, check_mlp_fresh_init, check_mlps
 
 GPU_TIMEOUT_S = 300.0
 COMPILE_TIMEOUT_S = 480.0  # inductor compiles forward and backward graphs for two activations
-ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
-                    pytest.param(2, marks=pytest.mark.gpu(2), id="2gpu")]
 # Real GEMM shapes next to the tiny ones: uneven on TP 2 (201 = 101 + 100), rows not a multiple of 8.
 GPU_SIZES = SIZES + ((1, 1), (136, 201))
 GPU_MLP_SIZES = MLP_SIZES + ((136, 201),)
 
 
-def _init():
+def _init(tp_size=None):
     world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    tp = tpext.init(tp_size=world, backend="nccl", timeout=120)
+    tp = tpext.init(tp_size=tp_size or world, backend="nccl", timeout=120)
     device = torch.device("cuda", local_rank)
     assert tp.device == device and tp._nccl is not None, \
         f"tpext.init gave {tp} on {tp.device}, expected NCCL on {device}"
     torch.set_float32_matmul_precision("highest")  # no TF32 in the native GEMMs (allowTF32CuBLAS) nor torch's
-    return tp, device, f"gpu/w{world}"
+    return tp, device, f"gpu/w{world}/tp{tp.size}"
 
 
 # -- parity, counts, errors ----------------------------------------------------------------------
@@ -104,8 +103,8 @@ def check_row_chunks(group, device, tag, dtype):
     check_row(group, device, f"{tag}/chunks", dtype, True, True, in_f, out_f, chunks=2)
 
 
-def parity_body():
-    tp, device, tag = _init()
+def parity_body(tp_size=None):
+    tp, device, tag = _init(tp_size)
     check_errors_on_gpu(tp, device)
     check_layers(tp, device, tag, sizes=GPU_SIZES)
     check_mlps(tp, device, tag, sizes=GPU_MLP_SIZES)
@@ -118,9 +117,11 @@ def parity_body():
     tpext.destroy()
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
-def test_layers_and_mlp_match_the_full_model_on_gpu(gpus):
-    launch(parity_body, gpus, timeout_s=GPU_TIMEOUT_S)
+# TP over every GPU; on eight, also two TP groups of four (DP 2), each computing the full model.
+@pytest.mark.parametrize("gpus, tp_size", [gpu_case(n, n, id=f"{n}gpu") for n in (1, 2, 4, 8)] +
+                         [gpu_case(8, 4, id="8gpu-tp4")])
+def test_layers_and_mlp_match_the_full_model_on_gpu(gpus, tp_size):
+    launch(parity_body, gpus, args=(tp_size,), timeout_s=GPU_TIMEOUT_S)
 
 
 # -- CUDA graphs ---------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def graphs_body():
     assert not tpext.is_initialized()
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_mlp_cuda_graph_replays_match_eager(gpus):
     launch(graphs_body, gpus, timeout_s=GPU_TIMEOUT_S)
 
@@ -276,6 +277,6 @@ def _assert_close(got, expected, what):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_mlp_torch_compile_fullgraph_matches_eager(gpus):
     launch(compile_body, gpus, timeout_s=COMPILE_TIMEOUT_S)

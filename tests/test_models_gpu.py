@@ -15,6 +15,7 @@ import os
 
 import pytest
 from _dist import launch
+from _gpus import GPU_WORLDS
 from test_attention import check_layer_sequence_parallel
 from test_checkpoint import save_and_reload_body
 from test_convert import check_bf16, check_family, for_each_tp_size_on
@@ -23,8 +24,6 @@ from test_embedding import run_all as embedding_checks
 # Each launch is meant to take well under a minute (imports and NCCL set-up included); the limit
 # only turns a hang into a failure.
 GPU_TIMEOUT_S = 150.0
-ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
-                    pytest.param(2, marks=pytest.mark.gpu(2), id="2gpu")]
 
 
 def _models_checks(group, device, tag):
@@ -41,7 +40,7 @@ def models_body():
     for_each_tp_size_on("nccl", (world,), _models_checks)
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_converted_models_on_gpu(gpus):
     launch(models_body, gpus, timeout_s=GPU_TIMEOUT_S)
 

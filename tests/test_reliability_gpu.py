@@ -13,12 +13,11 @@ import torch
 
 import tpext
 from _dist import launch
+from _gpus import GPU_WORLDS
 from test_reliability import (_fds, _rank, _report_table, bad_inputs_body, check_cycles, check_dead_rank, cycles_body,
                               dead_rank_body, diverging_body, two_comms_body)
 
 GPU_TIMEOUT_S = 180.0
-ONE_AND_TWO_GPUS = [pytest.param(1, marks=pytest.mark.gpu(1), id="1gpu"),
-                    pytest.param(2, marks=pytest.mark.gpu(2), id="2gpu")]
 
 
 def _gpus_up_to(n):
@@ -28,7 +27,7 @@ def _gpus_up_to(n):
 # -- the table of bad inputs ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gpus", ONE_AND_TWO_GPUS)
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
 def test_bad_inputs_nccl(gpus):
     results = launch(bad_inputs_body, gpus, args=("nccl", gpus), timeout_s=GPU_TIMEOUT_S)
     assert all(r == results[0] for r in results), "the ranks ran different case lists"

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -19,6 +20,10 @@ inline int visible_gpu_count() {
   }
   return n;
 }
+
+// Ranks for the multi-rank schedule tests (one thread and GPU each): every visible GPU, up to the
+// 8 of the largest box tpext runs on, so TP 4 and 8 run wherever the GPUs are there.
+inline int tp_test_ranks() { return std::min(visible_gpu_count(), 8); }
 
 // Fresh random values in [-1, 1): never test on zeros.
 inline std::vector<float> random_floats(size_t n, uint32_t seed) {

@@ -27,7 +27,7 @@ using tpext::testing::DeviceBuffer;
 using tpext::testing::encode;
 using tpext::testing::on_every_rank;
 using tpext::testing::Stream;
-using tpext::testing::visible_gpu_count;
+using tpext::testing::tp_test_ranks;
 
 // ---------------------------------------------------------------------------------------------
 // Host: the row pieces
@@ -270,14 +270,14 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
 
 TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductFp32) {
   TPEXT_REQUIRE_GPUS(1);
-  const int n = std::min(visible_gpu_count(), 4);
+  const int n = tp_test_ranks();
   row_parallel_case(n, 1000, 96, 250, DataType::kFloat32, true);
   row_parallel_case(n, 64, 40, 33, DataType::kFloat32, false);
 }
 
 TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductBf16) {
   TPEXT_REQUIRE_GPUS(1);
-  const int n = std::min(visible_gpu_count(), 4);
+  const int n = tp_test_ranks();
   row_parallel_case(n, 1024, 128, 256, DataType::kBFloat16, true);
   row_parallel_case(n, 1000, 64, 130, DataType::kBFloat16, false);
 }
@@ -364,7 +364,7 @@ void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType
 
 TEST(ColumnParallelBackwardGpu, DxAllReducedDwDbLocal) {
   TPEXT_REQUIRE_GPUS(1);
-  const int n = std::min(visible_gpu_count(), 4);
+  const int n = tp_test_ranks();
   column_backward_case(n, 256, 96, 64, DataType::kFloat32);
   column_backward_case(n, 200, 130, 72, DataType::kBFloat16);
   column_backward_case(n, 200, 130, 72, DataType::kBFloat16, 16);
