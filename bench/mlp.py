@@ -420,9 +420,10 @@ def format_check(c) -> str:
 # -- derived numbers and goals -----------------------------------------------------------------
 
 
-def derive(rows: List[dict]) -> None:
+def derive(rows: List[dict], tp_size: int) -> None:
     """Adds to each row of a TP system its ratios against the others of the same (workload, M,
-    mode, graph): best peer, floor, single GPU, and the exposed communication."""
+    mode, graph): best peer, floor, single GPU, the exposed communication, and the scaling
+    efficiency against the ideal 1/tp_size of the single-GPU time (1 = ideal)."""
     groups: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["M"], r["mode"], r["graph"]), {})[r["system"]] = r
@@ -443,6 +444,8 @@ def derive(rows: List[dict]) -> None:
             r["ratio_best_peer"] = common.ratio(t, by[r["best_peer"]]["median_ms"]) if r["best_peer"] else None
             r["floor"], r["ratio_floor"] = floor, common.ratio(t, floor_ms)
             r["single"], r["ratio_single"] = single, common.ratio(t, single_ms)
+            r["scaling_efficiency"] = (1.0 / (tp_size * r["ratio_single"])
+                                       if r["ratio_single"] else None)
             r["collectives"] = coll
             r["exposed_comm"] = (common.ratio(t - floor_ms, coll_ms)
                                  if floor_ms is not None and coll_ms is not None else None)
@@ -537,7 +540,7 @@ def format_tables(rows, workloads, skipped, notes, args) -> str:
                     continue
                 names = [s for s in peers.ALL_SYSTEMS if any(r["system"] == s for r in sel)]
                 head = f"{'M':>6} | " + " ".join(f"{n:>10}" for n in names) + \
-                       f" | {'tp/peer':>7} {'tp/floor':>8} {'exposed':>7} {'tp/single':>9}"
+                       f" | {'tp/peer':>7} {'tp/floor':>8} {'exposed':>7} {'tp/single':>9} {'eff':>5}"
                 out.append(f"\n{wname} ({w.describe()}, {args.dtype}) {mode} "
                            f"{'CUDA graph' if graphed else 'eager'}: median ms per call, slowest rank")
                 out.append(head)
@@ -546,10 +549,12 @@ def format_tables(rows, workloads, skipped, notes, args) -> str:
                     cells = " ".join(f"{_ms(by[n]['median_ms']) if n in by else '-':>10}" for n in names)
                     tp = by.get("tpext", {})
                     out.append(f"{m:>6} | {cells} | {_r(tp.get('ratio_best_peer')):>7} {_r(tp.get('ratio_floor')):>8} "
-                               f"{_r(tp.get('exposed_comm')):>7} {_r(tp.get('ratio_single')):>9}")
+                               f"{_r(tp.get('exposed_comm')):>7} {_r(tp.get('ratio_single')):>9} "
+                               f"{_r(tp.get('scaling_efficiency')):>5}")
     out.append("\ntp/peer: tpext / fastest of seed, dtensor, megatron, symm-mem; tp/floor: tpext / fastest of floor, "
                "floor-ops (same shards, no collectives); exposed: (tpext - floor) / (fastest of ar-tpext, ar-torch: "
-               "the block's all-reduces alone); tp/single: tpext / fastest single-GPU run with full weights")
+               "the block's all-reduces alone); tp/single: tpext / fastest single-GPU run with full weights; "
+               "eff: (1/TP size) / tp/single, 1 = ideal scaling")
     for key, note in notes.items():
         out.append(f"note {key}: {note}")
     for key, why in skipped.items():
@@ -621,7 +626,7 @@ def run(args, ctx, cpu_group, t_start) -> int:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    derive(rows)
+    derive(rows, ctx.size)
     g = goals(rows, meta, args, workloads)
     elapsed = time.time() - t_start
     if lead:

@@ -114,6 +114,21 @@ def randomize(model: nn.Module, tag: str) -> None:
             p.copy_(r.to(p.dtype))
 
 
+def heads_for(family: str, tp_size: int) -> dict:
+    """Config overrides that give every rank of a TP group of tp_size at least one query head
+    (parallelize refuses fewer: tpext.attention.head_layout): the family's head count doubled until
+    it reaches tp_size, e.g. 12 for the 6-head Llama on TP 8, still uneven; the KV heads stay, so
+    they are replicated. Every hidden size above divides by the doubled counts."""
+    kwargs = _families()[family][2]
+    key = "n_head" if "n_head" in kwargs else "num_attention_heads"
+    heads = kwargs[key]
+    if heads >= tp_size:
+        return {}
+    while heads < tp_size:
+        heads *= 2
+    return {key: heads}
+
+
 def build(family: str, device="cpu", dtype=torch.float32, **overrides) -> nn.Module:
     """The tiny model of `family` with its deterministic random weights, in eval mode."""
     config_cls, model_cls, kwargs = _families()[family]
@@ -221,8 +236,8 @@ def check_family(group, device, tag, family, dtype=torch.float32, generate=True,
     name = f"{tag}/{family}/{dtype}" + (f"/plan={sorted(plan)}" if plan else "") + \
         (f"/frozen={list(frozen)}" if frozen else "")
     what = f"{name} (tp rank {group.rank} of {group.size})"
-    ref = build(family, device, dtype)
-    unconverted = build(family, device, dtype)
+    ref = build(family, device, dtype, **heads_for(family, group.size))
+    unconverted = build(family, device, dtype, **heads_for(family, group.size))
     for m in (ref, unconverted):
         for n, p in m.named_parameters():
             if any(_matches_param(pattern, n) for pattern in frozen):
