@@ -95,46 +95,35 @@ size_t row_parallel_scratch_bytes(const RowPlan& plan, int64_t m, int64_t n, Dat
 
 namespace {
 
-// Column blocks (see PieceAxis): block j = y[:, c0:c1] = x · w[c0:c1, :]^T (+ bias[c0:c1] on rank
-// 0) into scratch[m*c0 ...] as a packed [m, c1-c0] matrix, all-reduced there, then copied into its
-// columns of y, both on the comm stream, while block j+1 multiplies on the caller's.
-void row_parallel_by_columns(Communicator& comm, const RowParallelForward& a, int blocks, bool with_bias,
-                             int beside_sms, Workspace ws, cudaStream_t caller) {
-  if (a.scratch == nullptr)
-    throw_invalid_argument("row_parallel_forward: scratch: expected row_parallel_scratch_bytes() of device memory "
-                           "for column blocks, got null");
-  const size_t es = element_size(a.dtype);
-  for (int j = 0; j < blocks; ++j) {
-    int64_t c0 = 0, c1 = 0;
-    chunk_rows(a.n, blocks, j, &c0, &c1);  // the same cut, along the columns
-    if (c1 <= c0) continue;
-    MatmulDesc d;
-    d.m = a.m;
-    d.n = c1 - c0;
-    d.k = a.k;
-    d.trans_b = true;
-    d.dtype = a.dtype;
-    d.allow_tf32 = a.allow_tf32;
-    d.epilogue = with_bias ? Epilogue::kBias : Epilogue::kNone;
-    if (j > 0 && comm.size() > 1) d.sm_count_target = beside_sms;
-    MatmulPointers p;
-    p.a = a.x;
-    p.b = offset(a.w, c0 * a.k, a.dtype);  // rows c0..c1 of w [n, k]: contiguous
-    p.d = offset(a.scratch, a.m * c0, a.dtype);
-    p.bias = with_bias ? offset(a.bias, c0, a.dtype) : nullptr;
-    matmul(d, p, ws.ptr, ws.bytes, caller);
-    comm.fence_in(caller);
-    Collective c;
-    c.kind = CollectiveKind::kAllReduce;
-    c.send = p.d;
-    c.recv = p.d;
-    c.count = static_cast<size_t>(a.m * d.n);
-    c.dtype = a.dtype;
-    comm.enqueue(c);
-    TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(offset(a.y, c0, a.dtype), static_cast<size_t>(a.n) * es, p.d,
-                                       static_cast<size_t>(d.n) * es, static_cast<size_t>(d.n) * es,
-                                       static_cast<size_t>(a.m), cudaMemcpyDeviceToDevice, comm.stream()));
-  }
+// One piece of the row-parallel forward: out[rows, cols] = x[rows, k] · w[cols, k]^T (+ bias[cols])
+// on the caller's stream, then its all-reduce in place on the comm stream. sm_target: the SMs the
+// GEMM may use (0: all), fewer when it runs beside the previous piece's all-reduce.
+void gemm_then_all_reduce(Communicator& comm, const RowParallelForward& a, int64_t rows, int64_t cols,
+                          const void* x, const void* w, void* out, const void* bias, int sm_target, Workspace ws,
+                          cudaStream_t caller) {
+  MatmulDesc d;
+  d.m = rows;
+  d.n = cols;
+  d.k = a.k;
+  d.trans_b = true;
+  d.dtype = a.dtype;
+  d.allow_tf32 = a.allow_tf32;
+  d.epilogue = bias != nullptr ? Epilogue::kBias : Epilogue::kNone;
+  d.sm_count_target = sm_target;
+  MatmulPointers p;
+  p.a = x;
+  p.b = w;
+  p.d = out;
+  p.bias = bias;
+  matmul(d, p, ws.ptr, ws.bytes, caller);
+  comm.fence_in(caller);
+  Collective c;
+  c.kind = CollectiveKind::kAllReduce;
+  c.send = out;
+  c.recv = out;
+  c.count = static_cast<size_t>(rows * cols);
+  c.dtype = a.dtype;
+  comm.enqueue(c);
 }
 
 }  // namespace
@@ -147,6 +136,10 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   if (a.m == 0 || a.n == 0) return;
   if (a.y == nullptr || (a.k > 0 && (a.x == nullptr || a.w == nullptr)))
     throw_invalid_argument("row_parallel_forward: x, w, y: expected device pointers, got null");
+  const bool by_columns = plan.axis == PieceAxis::kColumns;
+  if (by_columns && a.scratch == nullptr)
+    throw_invalid_argument("row_parallel_forward: scratch: expected row_parallel_scratch_bytes() of device memory "
+                           "for column blocks, got null");
   const bool with_bias = a.bias != nullptr && comm.rank() == 0;
   if (a.k == 0 && with_bias) {
     // The empty product is zero; the bias alone is y on rank 0. Rather than a kernel of our own,
@@ -157,41 +150,29 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   }
   // Pieces after the first run beside the previous piece's all-reduce.
   const int beside_sms = overlap_sm_target(comm.device(), a.comm_sms);
+  const size_t es = element_size(a.dtype);
 
   DeviceGuard guard(comm.device());
-  if (plan.axis == PieceAxis::kColumns) {
-    row_parallel_by_columns(comm, a, plan.pieces, with_bias, beside_sms, ws, caller);
-    comm.fence_out(caller);
-    return;
-  }
-  const int chunks = plan.pieces;
-  for (int i = 0; i < chunks; ++i) {
-    int64_t r0 = 0, r1 = 0;
-    chunk_rows(a.m, chunks, i, &r0, &r1);
-    if (r1 <= r0) continue;
-    MatmulDesc d;
-    d.m = r1 - r0;
-    d.n = a.n;
-    d.k = a.k;
-    d.trans_b = true;
-    d.dtype = a.dtype;
-    d.allow_tf32 = a.allow_tf32;
-    d.epilogue = with_bias ? Epilogue::kBias : Epilogue::kNone;
-    if (i > 0 && comm.size() > 1) d.sm_count_target = beside_sms;
-    MatmulPointers p;
-    p.a = offset(a.x, r0 * a.k, a.dtype);
-    p.b = a.w;
-    p.d = offset(a.y, r0 * a.n, a.dtype);
-    p.bias = with_bias ? a.bias : nullptr;
-    matmul(d, p, ws.ptr, ws.bytes, caller);
-    comm.fence_in(caller);
-    Collective c;
-    c.kind = CollectiveKind::kAllReduce;
-    c.send = p.d;
-    c.recv = p.d;
-    c.count = static_cast<size_t>((r1 - r0) * a.n);
-    c.dtype = a.dtype;
-    comm.enqueue(c);
+  for (int i = 0; i < plan.pieces; ++i) {
+    int64_t b = 0, e = 0;
+    chunk_rows(by_columns ? a.n : a.m, plan.pieces, i, &b, &e);  // rows, or the same cut along the columns
+    if (e <= b) continue;
+    const int sm_target = i > 0 && comm.size() > 1 ? beside_sms : 0;
+    if (!by_columns) {
+      gemm_then_all_reduce(comm, a, e - b, a.n, offset(a.x, b * a.k, a.dtype), a.w, offset(a.y, b * a.n, a.dtype),
+                           with_bias ? a.bias : nullptr, sm_target, ws, caller);
+      continue;
+    }
+    // Column block [b, e): its rows of w are contiguous; it lands packed [m, e-b] in the scratch
+    // (NCCL needs contiguous memory), is all-reduced there, then copied into its columns of y on
+    // the comm stream while the next block multiplies.
+    const int64_t cols = e - b;
+    void* block = offset(a.scratch, a.m * b, a.dtype);
+    gemm_then_all_reduce(comm, a, a.m, cols, a.x, offset(a.w, b * a.k, a.dtype), block,
+                         with_bias ? offset(a.bias, b, a.dtype) : nullptr, sm_target, ws, caller);
+    TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(offset(a.y, b, a.dtype), static_cast<size_t>(a.n) * es, block,
+                                       static_cast<size_t>(cols) * es, static_cast<size_t>(cols) * es,
+                                       static_cast<size_t>(a.m), cudaMemcpyDeviceToDevice, comm.stream()));
   }
   comm.fence_out(caller);
 }
