@@ -4,8 +4,8 @@ bench/mlp.py's floor-ops (tpext's GEMMs) and floor (torch's) differ, which GEMM 
     python bench/gemm_compare.py [--tp 2] [-M 128,256,1024,4096] [--hidden 8192 --ffn 28672]
 
 Per M: fc1 (x[M,H] by W1[FF/tp,H]^T, bias, GELU tanh) as tpext.linear with its bias+GELU epilogue
-(which also writes the pre-activation for backward) against F.linear then F.gelu, and against
-F.linear alone; fc2 (h[M,FF/tp] by W2[H,FF/tp]^T) as tpext.linear against F.linear, without bias
+(writing the pre-activation for backward, and without it: "no pre", the inference path) against
+F.linear then F.gelu, and against F.linear alone; fc2 (h[M,FF/tp] by W2[H,FF/tp]^T) as tpext.linear against F.linear, without bias
 (the row-parallel layer adds its bias on rank 0 only). bf16, random data, inputs rotated across
 buffers; medians of CUDA-event times (tpext/timing.py) in alternating rounds.
 """
@@ -48,7 +48,7 @@ def main():
     w2 = torch.randn(h, ff, device=dev, dtype=dt) * ff ** -0.5
     print(f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}; fc1 [M,{h}]x[{ff},{h}]^T, "
           f"fc2 [M,{ff}]x[{h},{ff}]^T, bf16; medians in us")
-    print(f"{'M':>6} | {'fc1 tpext':>10} {'torch+gelu':>10} {'torch':>8} {'ratio':>6} | "
+    print(f"{'M':>6} | {'fc1 tpext':>10} {'no pre':>8} {'torch+gelu':>10} {'torch':>8} {'ratio':>6} | "
           f"{'fc2 tpext':>10} {'torch':>8} {'ratio':>6}")
     for m in (int(v) for v in args.tokens.split(",")):
         sets = max(1, min(8, math.ceil(L2_BYTES / (m * ff * 2))))
@@ -56,6 +56,7 @@ def main():
         hs = rotating(lambda: torch.randn(m, ff, device=dev, dtype=dt), sets)
         cases = {
             "fc1 tpext": lambda: torch.ops.tpext.linear(xs(), w1, b1, "gelu"),
+            "fc1 tpext no pre": lambda: torch.ops.tpext.linear(xs(), w1, b1, "gelu", False),
             "fc1 torch+gelu": lambda: F.gelu(F.linear(xs(), w1, b1), approximate="tanh"),
             "fc1 torch": lambda: F.linear(xs(), w1, b1),
             "fc2 tpext": lambda: torch.ops.tpext.linear(hs(), w2, None, "none"),
@@ -66,7 +67,8 @@ def main():
             for name, fn in cases.items():
                 samples[name] += timing.time_op(fn, iters=40, warmup=5, device=dev)["samples_us"]
         med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-        print(f"{m:>6} | {med['fc1 tpext']:>10.1f} {med['fc1 torch+gelu']:>10.1f} {med['fc1 torch']:>8.1f} "
+        print(f"{m:>6} | {med['fc1 tpext']:>10.1f} {med['fc1 tpext no pre']:>8.1f} {med['fc1 torch+gelu']:>10.1f} "
+              f"{med['fc1 torch']:>8.1f} "
               f"{med['fc1 tpext'] / med['fc1 torch+gelu']:>6.3f} | {med['fc2 tpext']:>10.1f} {med['fc2 torch']:>8.1f} "
               f"{med['fc2 tpext'] / med['fc2 torch']:>6.3f}")
 

@@ -254,9 +254,10 @@ class _OpsLinearFn(torch.autograd.Function):
     the floor of tpext's own kernels, and a single GPU running them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        out, pre = torch.ops.tpext.linear(x, weight, bias, activation)
-        ctx.save_for_backward(x, weight, pre if activation == "gelu" else None)
+    def forward(ctx, x, weight, bias, activation, backward_follows):
+        # As tpext's layers do: no pre-activation written when no backward follows (inference).
+        out, pre = torch.ops.tpext.linear(x, weight, bias, activation, backward_follows)
+        ctx.save_for_backward(x, weight, pre if activation == "gelu" and backward_follows else None)
         ctx.activation, ctx.has_bias = activation, bias is not None
         return out
 
@@ -267,7 +268,7 @@ class _OpsLinearFn(torch.autograd.Function):
         if ctx.activation == "gelu":
             grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
         dx, dw, db = torch.ops.tpext.linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad[0], True)
-        return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None, None)
+        return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None, None, None)
 
 
 class OpsLinear(LocalLinear):
@@ -276,7 +277,8 @@ class OpsLinear(LocalLinear):
         self.activation = activation
 
     def forward(self, x):
-        return _OpsLinearFn.apply(x.contiguous(), self.weight, self.bias, self.activation)
+        backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return _OpsLinearFn.apply(x.contiguous(), self.weight, self.bias, self.activation, backward_follows)
 
 
 class _CopyToTP(torch.autograd.Function):

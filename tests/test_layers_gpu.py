@@ -103,6 +103,34 @@ def check_row_chunks(group, device, tag, dtype):
     check_row(group, device, f"{tag}/chunks", dtype, True, True, in_f, out_f, chunks=2)
 
 
+def check_gelu_without_pre(group, device, tag, dtype):
+    """Inference (no_grad, or nothing requiring grad): the GELU column layer's GEMM skips writing
+    the pre-activation (bias+GELU epilogue without its aux output, also for a width the aux path
+    cannot take: 201 columns) and gives what the training forward gives; the op returns the
+    pre-activation empty."""
+    for out_f in (384, 201 * group.size):
+        name = f"{tag}/gelu-no-pre/{out_f}/{dtype}"
+        lin = full_linear(name, 96, out_f, True, dtype)
+        layer = tpext.ColumnParallelLinear.from_linear(lin, group, gather_output=True, activation="gelu")
+        x = full_tensor(f"{name}/x", (37, 96), dtype).to(device)
+        ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.double().cpu(), lin.weight.double(),
+                                                                  lin.bias.double()), approximate="tanh")
+        with torch.no_grad():
+            y_inference = layer(x)
+        y_training = layer(x.clone().requires_grad_())
+        assert y_training.grad_fn is not None, f"{name}: the training forward recorded no graph"
+        assert_close_rel(y_inference, ref, dtype, f"{name}: no_grad output")
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(y_inference, y_training.detach(), rtol=4 * eps,
+                                   atol=4 * eps * y_training.abs().max().item(),
+                                   msg=lambda m: f"{name}: no_grad vs training forward: {m}")
+    w = layer.weight.detach()
+    out, pre = torch.ops.tpext.linear(x, w, layer.bias.detach(), "gelu", False)
+    assert pre.numel() == 0, f"{tag}: linear(keep_pre=False) returned a pre-activation of {tuple(pre.shape)}"
+    out_kept, pre_kept = torch.ops.tpext.linear(x, w, layer.bias.detach(), "gelu")
+    assert pre_kept.shape == out_kept.shape, f"{tag}: linear() kept no pre-activation"
+
+
 def parity_body(tp_size=None):
     tp, device, tag = _init(tp_size)
     check_errors_on_gpu(tp, device)
@@ -113,6 +141,7 @@ def parity_body(tp_size=None):
         check_fresh_init(tp, device, tag, dtype)
         check_mlp_fresh_init(tp, device, tag, dtype)
         check_row_chunks(tp, device, tag, dtype)
+        check_gelu_without_pre(tp, device, tag, dtype)
     check_row_chunks(tp, device, tag, torch.float16)
     tpext.destroy()
 

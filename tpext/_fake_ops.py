@@ -39,9 +39,10 @@ def _with_last(t, last):
 
 
 @torch.library.register_fake("tpext::linear")
-def _linear_fake(input, weight, bias, activation):
+def _linear_fake(input, weight, bias, activation, keep_pre=True):
     out = input.new_empty(_with_last(input, weight.shape[0]))
-    pre = input.new_empty(_with_last(input, weight.shape[0])) if activation == "gelu" else input.new_empty(0)
+    pre = input.new_empty(_with_last(input, weight.shape[0])) if activation == "gelu" and keep_pre else \
+        input.new_empty(0)
     return out, pre
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .debug import CHUNK_BY
 from .groups import Group
-from .linear_functions import ColumnParallelLinearFunction, RowParallelLinearFunction, use_native
+from .linear_functions import ColumnParallelLinearFunction, RowParallelLinearFunction, grad_will_flow, use_native
 from .mappings import _GatherFromRegion, _ScatterToRegion, resolve_group
 from .partition import mark_replicated, mark_tensor_parallel, shard, split_sizes
 
@@ -228,7 +228,8 @@ class ColumnParallelLinear(nn.Module):
         out = ColumnParallelLinearFunction.apply(input, self.weight, self.bias, self.group,
                                                  self.activation or "none",
                                                  use_native(input, self._every_shard_nonempty),
-                                                 not getattr(self, "disable_grad_reduce", False))
+                                                 not getattr(self, "disable_grad_reduce", False),
+                                                 grad_will_flow(input, self.weight, self.bias))
         if self.gather_output:
             out = _GatherFromRegion.apply(out, self.group, self.partition_sizes)
         return out

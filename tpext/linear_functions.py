@@ -47,22 +47,23 @@ def _torch_weight_grads(grad, input, need_w, need_b):
 
 
 class ColumnParallelLinearFunction(torch.autograd.Function):
-    """apply(input, weight, bias, group, activation: 'none' | 'gelu', native, reduce_grad=True)
-    -> this rank's output shard. The copy-to-region crossing is fused in: the backward
-    all-reduces dx, unless reduce_grad is False (the caller's copy_to_tensor_parallel_region does
-    it once for several layers reading the same input)."""
+    """apply(input, weight, bias, group, activation: 'none' | 'gelu', native, reduce_grad=True,
+    backward_follows=True) -> this rank's output shard. The copy-to-region crossing is fused in: the
+    backward all-reduces dx, unless reduce_grad is False (the caller's copy_to_tensor_parallel_region
+    does it once for several layers reading the same input). backward_follows=False (see
+    grad_will_flow) lets the native GELU GEMM skip writing the pre-activation only backward reads."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, group, activation, native, reduce_grad=True):
+    def forward(ctx, input, weight, bias, group, activation, native, reduce_grad=True, backward_follows=True):
         if native:
-            out, pre = call_native(torch.ops.tpext.linear, input, weight, bias, activation)
+            out, pre = call_native(torch.ops.tpext.linear, input, weight, bias, activation, backward_follows)
         else:
             pre = F.linear(input, weight, bias)
             out = F.gelu(pre, approximate="tanh") if activation == "gelu" else pre
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.save_for_backward(input if (need_w or native) else None,
                               weight if (need_x or native) else None,
-                              pre if activation == "gelu" else None)
+                              pre if activation == "gelu" and backward_follows else None)
         ctx.group, ctx.activation, ctx.native, ctx.reduce_grad = group, activation, native, reduce_grad
         return out
 
@@ -93,7 +94,14 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
                 if ctx.reduce_grad:
                     dx = ctx.group.all_reduce(dx)
             dw, db = _torch_weight_grads(grad, input, need_w, need_b)
-        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None)
+
+
+def grad_will_flow(*tensors) -> bool:
+    """Whether autograd records the op these tensors go into: grad mode on and one of them requiring
+    grad. Inside an autograd.Function's forward grad mode is off and ctx.needs_input_grad only
+    says requires_grad, so the caller asks this before apply."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class RowParallelLinearFunction(torch.autograd.Function):

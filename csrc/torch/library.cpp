@@ -16,7 +16,7 @@ TORCH_LIBRARY(tpext, m) {
 // The tensor-parallel linear layers (csrc/torch/linear_ops.cpp). Empty tensors (numel 0) stand
 // for outputs that were not asked for.
 TORCH_LIBRARY_FRAGMENT(tpext, m) {
-  m.def("linear(Tensor input, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, str activation, bool keep_pre=True) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, bool need_input_grad, "
         "bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
   m.def("column_parallel_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, "

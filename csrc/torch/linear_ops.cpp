@@ -106,9 +106,12 @@ void check_comm_device(const core::Communicator& comm, const at::Tensor& input, 
                                                    "), got one on " + dev(input));
 }
 
-// Column-parallel forward: out = act(input · weight^T + bias), no communication.
+// Column-parallel forward: out = act(input · weight^T + bias), no communication. With GELU, `pre`
+// is the pre-activation the backward needs, written by the same GEMM (its aux output); keep_pre
+// false (a forward no backward will follow: inference) skips writing it and returns it empty.
 std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at::Tensor& weight,
-                                               const std::optional<at::Tensor>& bias, const std::string& activation) {
+                                               const std::optional<at::Tensor>& bias, const std::string& activation,
+                                               bool keep_pre) {
   at::Tensor out, pre;
   TPEXT_TRANSLATE_ERRORS({
     require(activation == "none" || activation == "gelu",
@@ -118,11 +121,12 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
     const bool has_bias = bias.has_value() && bias->defined();
     const bool gelu = activation == "gelu";
     out = at::empty(with_last(input, n), input.options());
-    pre = gelu ? at::empty(with_last(input, n), input.options()) : at::empty({0}, input.options());
+    pre = gelu && keep_pre ? at::empty(with_last(input, n), input.options()) : at::empty({0}, input.options());
     if (m == 0 || n == 0) return std::make_tuple(out, pre);
     // cuBLASLt wants the aux (pre-activation) row stride to be a multiple of 8; otherwise the
-    // GELU runs as a torch op after a bias-only GEMM into `pre`.
-    const bool fused_gelu = gelu && n % 8 == 0 && k > 0;
+    // GELU runs as a torch op after a bias-only GEMM into `pre`. Without aux, any n fuses.
+    const bool fused_gelu = gelu && k > 0 && (!keep_pre || n % 8 == 0);
+    if (gelu && !fused_gelu && !keep_pre) pre = at::empty(with_last(input, n), input.options());  // scratch
     core::MatmulDesc d;
     d.m = m;
     d.n = n;
@@ -130,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
     d.trans_b = true;
     d.dtype = gemm_dtype(input, "linear");
     d.allow_tf32 = tf32(input);
-    if (fused_gelu) d.epilogue = has_bias ? core::Epilogue::kBiasGeluAux : core::Epilogue::kGeluAux;
+    if (fused_gelu && keep_pre) d.epilogue = has_bias ? core::Epilogue::kBiasGeluAux : core::Epilogue::kGeluAux;
+    else if (fused_gelu) d.epilogue = has_bias ? core::Epilogue::kBiasGelu : core::Epilogue::kGelu;
     else d.epilogue = has_bias ? core::Epilogue::kBias : core::Epilogue::kNone;
     if (has_bias && k == 0) {
       // An empty shard of in_features: the product is zero and only the bias remains.
@@ -141,12 +146,13 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
       p.b = weight.data_ptr();
       p.d = gelu && !fused_gelu ? pre.data_ptr() : out.data_ptr();
       p.bias = has_bias ? bias->data_ptr() : nullptr;
-      p.aux = fused_gelu ? pre.data_ptr() : nullptr;
-      if (fused_gelu) d.ldaux = n;
+      p.aux = fused_gelu && keep_pre ? pre.data_ptr() : nullptr;
+      if (fused_gelu && keep_pre) d.ldaux = n;
       at::Tensor ws_holder;
       core::matmul(d, p, workspace_for(input, ws_holder).ptr, ws_holder.numel(), stream_of(input));
     }
     if (gelu && !fused_gelu) out = at::gelu(pre, "tanh");
+    if (gelu && !keep_pre) pre = at::empty({0}, input.options());
   });
   return std::make_tuple(out, pre);
 }
