@@ -7,6 +7,8 @@
 #   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
 #   SWEEP        overlap SM counts for `sweep` (default "0 16 32"); its best goes to bench-mlp
 #   MLP_ARGS     extra bench/mlp.py arguments
+#   TPEXT_COMMIT the commit the JSON records, where the copy on the box has no .git (the device
+#                tool sends the working tree only): TPEXT_COMMIT=<sha> bash scripts/gpu_session.sh ...
 # A device call has ~10 minutes: `tests` alone fills one on 2 GPUs; `demo bench-allreduce` fit
 # before it, `profile sweep chunk-by bench-mlp` in a second call.
 set -uo pipefail
