@@ -5,7 +5,7 @@ not run on the lent GPU boxes).
 
     torchrun --nproc-per-node 2 bench/kernel_timeline.py [--overlap-sms 16] [-M 4096] [--trace-dir DIR]
 
-NCCL_MAX_CTAS in the environment caps NCCL's CTAs (pair it with --overlap-sms). Per M and mode
+--overlap-sms N also caps tpext's NCCL collectives at N CTAs (tpext.init(nccl_max_ctas=N)). Per M and mode
 (fwd, fwd+bwd): 5 warm-up steps, then 3 profiled steps separated by idle gaps; the last one is
 reported: a summary line per rank, and rank 0's kernels one per line (start and duration in us from
 the step's first kernel). --trace-dir keeps rank 0's Chrome traces (gzip).
@@ -83,12 +83,13 @@ def describe(step_records, rank: int, label: str, listing: bool) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--overlap-sms", type=int, default=0, help="tpext.set_overlap_sms for the run")
+    p.add_argument("--overlap-sms", type=int, default=0,
+                   help="tpext.set_overlap_sms for the run, and the cap of tpext's NCCL CTAs (nccl_max_ctas)")
     p.add_argument("-M", "--tokens", default="4096", help="comma list of token counts")
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--trace-dir", help="keep rank 0's Chrome traces here (gzip)")
     args = p.parse_args()
-    tp = tpext.init(backend="nccl")
+    tp = tpext.init(backend="nccl", nccl_max_ctas=args.overlap_sms or None)
     tpext.set_overlap_sms(args.overlap_sms)
     torch.manual_seed(1234)
     mlp = tpext.ParallelMLP(8192, 28672, activation="gelu", bias=True, group=tp, device=tp.device,
@@ -108,8 +109,7 @@ def main():
                 step()
             torch.cuda.synchronize()
             steps, path = profiled_steps(step, tp)
-            label = (f"overlap_sms={args.overlap_sms} NCCL_MAX_CTAS={os.environ.get('NCCL_MAX_CTAS', '-')} "
-                     f"M={m} {mode}")
+            label = f"overlap_sms={args.overlap_sms} (NCCL CTAs capped alike) M={m} {mode}"
             print(describe(steps[-1], tp.rank, label, listing=tp.rank == 0), flush=True)
             if args.trace_dir and tp.rank == 0:
                 os.makedirs(args.trace_dir, exist_ok=True)

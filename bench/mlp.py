@@ -91,7 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--overlap-sms", type=int, default=0,
                    help="tpext.set_overlap_sms for the run: SMs the GEMMs beside a collective leave to it "
-                        "(0: cuBLASLt's choice); pair with NCCL_MAX_CTAS in the environment")
+                        "(0: cuBLASLt's choice); pair with --nccl-max-ctas N")
+    p.add_argument("--nccl-max-ctas", type=int, default=None,
+                   help="tpext.init(nccl_max_ctas=N): cap the CTAs of tpext's NCCL collectives only "
+                        "(NCCL_MAX_CTAS in the environment would cap the peers' too); pair with --overlap-sms N")
     p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
                    help="how tpext's row-parallel layers cut their output into pipelined pieces "
                         "(RowParallelLinear chunk_by; default auto: columns for few tokens, rows for many)")
@@ -143,7 +146,7 @@ def _choices(text: str, flag: str, allowed) -> List[str]:
 # -- set-up ------------------------------------------------------------------------------------
 
 
-def init(smoke: bool):
+def init(smoke: bool, nccl_max_ctas=None):
     """The default process group is gloo for CPU tensors and NCCL for CUDA ones
     ('cpu:gloo,cuda:nccl'): the metadata, barriers and statistics go through gloo, and
     megatron-core's groups (created with the default backend) get NCCL. tpext brings its own
@@ -155,7 +158,7 @@ def init(smoke: bool):
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-    tp = tpext.init(backend="nccl" if use_cuda else "gloo")
+    tp = tpext.init(backend="nccl" if use_cuda else "gloo", nccl_max_ctas=nccl_max_ctas)
     torch_group = dist.new_group(backend="nccl" if use_cuda else "gloo")
     cpu_group = dist.new_group(backend="gloo")
     device = tp.device if use_cuda else torch.device("cpu")
@@ -578,7 +581,7 @@ def format_goals(g) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    tp, torch_group, cpu_group, device = init(args.smoke)
+    tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
                         torch_group=torch_group, chunk_by=args.chunk_by)

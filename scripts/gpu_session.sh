@@ -64,22 +64,22 @@ if has bench-allreduce && [ "$ngpu" -ge 2 ]; then
   stamp "bench allreduce done"
 fi
 if has profile && [ "$ngpu" -ge 2 ]; then
-  for c in 0 16; do
-    if [ "$c" = 0 ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
+  for c in 0 16; do  # --overlap-sms c also caps tpext's NCCL CTAs at c
     timeout 90 $RUN bench/kernel_timeline.py --overlap-sms "$c" -M 4096 --trace-dir "$OUT" > "$OUT/profile-sms$c.log" 2>&1
     echo "profile overlap-sms $c rc=$?"; grep -E "^== " "$OUT/profile-sms$c.log"
   done
-  unset NCCL_MAX_CTAS
   stamp "profile done"
 fi
 best=0
+# The carve-out pairs the GEMMs' SM target with a cap on tpext's own NCCL CTAs (tpext.init's
+# nccl_max_ctas); the peers' NCCL keeps its defaults.
+ctas_arg() { if [ "$1" != 0 ]; then echo "--nccl-max-ctas $1"; fi; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
   for c in ${SWEEP:-0 16 32}; do
-    if [ "$c" = 0 ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
     timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
-      --systems tpext,floor-ops,ar-tpext --overlap-sms "$c" --no-plots --out "$OUT/sweep-sms$c.json" \
-      > "$OUT/sweep-sms$c.log" 2>&1
+      --systems tpext,floor-ops,ar-tpext --overlap-sms "$c" $(ctas_arg "$c") --no-plots \
+      --out "$OUT/sweep-sms$c.json" > "$OUT/sweep-sms$c.log" 2>&1
     echo "sweep overlap-sms $c rc=$?"
     # Score: M=4096 fwd+bwd time plus a quarter of M=16384's (both goals weigh alike).
     score=$("$PY" bench/sweep_score.py "$OUT/sweep-sms$c.json")
@@ -88,16 +88,14 @@ if has sweep && [ "$ngpu" -ge 2 ]; then
       best=$c; best_score=$score
     fi
   done
-  unset NCCL_MAX_CTAS
   echo "$best" > "$OUT/best_overlap_sms.txt"
   echo "best overlap-sms: $best"
   stamp "sweep done"
 fi
-overlap_env() { if [ "$best" != 0 ]; then echo "NCCL_MAX_CTAS=$best"; fi; }
 if has chunk-by && [ "$ngpu" -ge 2 ]; then
   for by in rows auto; do
-    timeout 100 env $(overlap_env) $RUN bench/mlp.py --workloads mlp-8192 -M 128,256,512 --modes fwd --graph eager,graph \
-      --systems tpext,floor-ops,ar-tpext --chunk-by "$by" --overlap-sms "$best" --no-plots \
+    timeout 100 $RUN bench/mlp.py --workloads mlp-8192 -M 128,256,512 --modes fwd --graph eager,graph \
+      --systems tpext,floor-ops,ar-tpext --chunk-by "$by" --overlap-sms "$best" $(ctas_arg "$best") --no-plots \
       --out "$OUT/chunkby-$by.json" > "$OUT/chunkby-$by.log" 2>&1
     echo "chunk-by $by rc=$?"; "$PY" bench/sweep_score.py --table "$OUT/chunkby-$by.json"
   done
@@ -105,12 +103,12 @@ if has chunk-by && [ "$ngpu" -ge 2 ]; then
 fi
 if has bench-mlp && [ -f bench/mlp.py ]; then
   # The goals' workload first, so that a cut-short call still brings its JSON back.
-  timeout $(( $(left) - 20 )) env $(overlap_env) $RUN bench/mlp.py --workloads mlp-8192 --overlap-sms "$best" \
+  timeout $(( $(left) - 20 )) $RUN bench/mlp.py --workloads mlp-8192 --overlap-sms "$best" $(ctas_arg "$best") \
     ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-8192.json" > "$OUT/bench_mlp8192.log" 2>&1
   echo "bench mlp-8192 rc=$?"; sed -n '/^goals/,$p' "$OUT/bench_mlp8192.log" | head -12
   stamp "bench mlp-8192 done"
   if [ "$(left)" -gt 150 ]; then
-    timeout $(( $(left) - 15 )) env $(overlap_env) $RUN bench/mlp.py --workloads mlp-4096,attn,layer --overlap-sms "$best" \
+    timeout $(( $(left) - 15 )) $RUN bench/mlp.py --workloads mlp-4096,attn,layer --overlap-sms "$best" $(ctas_arg "$best") \
       ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-rest.json" > "$OUT/bench_mlp_rest.log" 2>&1
     echo "bench mlp-4096,attn,layer rc=$?"; grep -E "done in" "$OUT/bench_mlp_rest.log"
     stamp "bench rest done"

@@ -171,6 +171,26 @@ def test_nccl_collectives(gpus, tp_size, backend):
     launch(nccl_collectives_body, gpus, args=(tp_size, backend), timeout_s=GPU_TIMEOUT_S)
 
 
+def max_ctas_body(max_ctas):
+    """tpext.init(nccl_max_ctas=...) reaches ncclConfig.maxCTAs of the world communicator and the
+    TP/DP ones split from it: NCCL accepts it and every collective still gives the right answer
+    (large messages included, which the cap slows most)."""
+    _, world, _ = _rank_env()
+    tp = tpext.init(tp_size=world, backend="nccl", timeout=120, nccl_max_ctas=max_ctas)
+    device = tp.device
+    tag = f"gpu/w{world}/max_ctas{max_ctas}"
+    for g in all_groups():
+        check_every_collective(g, device, tag, (torch.float32,))
+    check_large(tpext.get_world_group(), device, tag)
+    torch.cuda.synchronize()
+    tpext.destroy()
+
+
+@pytest.mark.parametrize("gpus", GPU_WORLDS)
+def test_collectives_with_capped_nccl_ctas(gpus):
+    launch(max_ctas_body, gpus, args=(2,), timeout_s=GPU_TIMEOUT_S)
+
+
 # -- ordering on the caller's stream -----------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from . import _C
 from .groups import Group
 
 _BACKENDS = ("auto", "nccl", "gloo")
+MAX_NCCL_CTAS = 64  # NCCL's MAXCHANNELS: a collective runs at most one CTA per channel
 
 
 @dataclass
@@ -65,13 +66,18 @@ def _env_int(name: str, default: Optional[int]) -> int:
 
 
 def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta] = 600.0,
-         backend: str = "auto") -> Group:
+         backend: str = "auto", *, nccl_max_ctas: Optional[int] = None) -> Group:
     """Initialises tpext in this process and returns the TP group.
 
     tp_size: ranks per tensor-parallel group; must divide the world size (default: all ranks).
     timeout: seconds (or a timedelta) after which a communicator waiting for a missing or diverging
         peer is aborted and an exception raised instead of hanging.
     backend: "auto" (NCCL when CUDA is available, else gloo only), "nccl", or "gloo".
+    nccl_max_ctas: the most CTAs (SMs) a collective of tpext's NCCL communicators may take
+        (ncclConfig.maxCTAs; None: NCCL's choice), e.g. the n of tpext.set_overlap_sms(n), so that
+        the GEMMs running beside a collective keep the rest. Unlike NCCL_MAX_CTAS in the
+        environment it leaves other NCCL users of the process (torch.distributed) alone. Ignored
+        where no NCCL communicator is made (gloo).
 
     Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), alongside a
     torch.distributed process group the caller already initialised, and in a plain single process.
@@ -82,6 +88,11 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     if backend not in _BACKENDS:
         raise ValueError(f"init: backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
     timeout_s = _seconds(timeout)
+    if nccl_max_ctas is not None and (not isinstance(nccl_max_ctas, int) or isinstance(nccl_max_ctas, bool)):
+        raise TypeError(f"init: nccl_max_ctas: expected None or an int, got {type(nccl_max_ctas).__name__}")
+    if nccl_max_ctas is not None and not 1 <= nccl_max_ctas <= MAX_NCCL_CTAS:
+        raise ValueError(f"init: nccl_max_ctas: expected None (NCCL's choice) or an int in [1, {MAX_NCCL_CTAS}] "
+                         f"(NCCL's channel limit), got {nccl_max_ctas}")
 
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -147,7 +158,7 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     world_h = tp_h = dp_h = None
     if use_nccl:
         try:
-            world_h = _create_world_communicator(rank, world_size, device.index, timeout_s)
+            world_h = _create_world_communicator(rank, world_size, device.index, timeout_s, nccl_max_ctas)
             handles.append(world_h)
             tp_h = _C.comm_split(world_h, rank // tp_size, rank % tp_size, "tp", timeout_s)
             handles.insert(0, tp_h)
@@ -185,13 +196,16 @@ def _env_store(rank: int, world_size: int, td: datetime.timedelta):
     return store, rank, world_size
 
 
-def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float) -> int:
+def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float,
+                               max_ctas: Optional[int]) -> int:
+    """The world's NCCL communicator; the TP and DP ones are split from it and inherit max_ctas."""
     store = dist.distributed_c10d._get_default_store()
     key = f"tpext/{_generation}/nccl_unique_id"
     if rank == 0:
         store.set(key, _C.unique_id())
     uid = store.get(key)  # blocks until rank 0 has published it, up to the store's timeout
-    return _C.comm_create(uid, rank, world_size, device, "world", timeout_s)
+    return _C.comm_create(uid, rank, world_size, device, "world", timeout_s,
+                          max_ctas=-1 if max_ctas is None else max_ctas)
 
 
 def _destroy_gloo(groups, owns_default_pg: bool) -> None:

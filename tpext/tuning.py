@@ -8,8 +8,9 @@ the column-parallel backward runs the weight-gradient GEMM while the input gradi
 all-reduced. cuBLASLt's Hopper GEMMs are persistent (one CTA per SM for the whole GEMM), so a GEMM
 that starts first can hold every SM until it ends and the collective beside it waits. With
 set_overlap_sms(n), only those GEMMs are sized for n fewer SMs (cuBLASLt's SM count target),
-leaving room for NCCL's kernel; pair it with NCCL's own CTA limit (NCCL_MAX_CTAS=n in the
-environment) so that NCCL asks for no more. 0, the default, leaves both to the libraries. Whether
+leaving room for NCCL's kernel; pair it with NCCL's own CTA limit, tpext.init(nccl_max_ctas=n)
+(or NCCL_MAX_CTAS=n in the environment, which caps every NCCL user of the process), so that NCCL
+asks for no more. 0, the default, leaves both to the libraries. Whether
 it pays depends on the sizes: bench/mlp.py --overlap-sms measures it (bench/NOTES.md).
 
 The setting is process-wide and read when an op is enqueued: a CUDA graph keeps the value it was
