@@ -11,15 +11,17 @@ repeats: GEMM and side kernel alone; then together: where the side kernel starts
 GEMM), how much of it runs under the GEMM, and the pair's span against the two run one after the
 other (1.00 = no gain from running them side by side).
 """
-import json
 import os
 import statistics
-import tempfile
+import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import kernel_records, overlap_us  # noqa: E402  (bench/profiling.py)
 
 REPEATS = 10
 
@@ -33,24 +35,12 @@ def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
-def kernel_records(fn):
-    """Kernel records of fn's GPU work, sorted by start time (us)."""
+def profiled(fn):
+    """Kernel records of fn's GPU work (bench/profiling.py)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    finally:
-        os.unlink(path)
-    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-
-
-def overlap_us(a, b) -> float:
-    return max(0.0, min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"]))
+    return kernel_records(prof)
 
 
 def main():
@@ -73,7 +63,7 @@ def main():
             F.linear(x, w)
             side(ctas)
         torch.cuda.synchronize()
-        alone = kernel_records(lambda: [f() for _ in range(REPEATS) for f in (lambda: F.linear(x, w), lambda: side(ctas))])
+        alone = profiled(lambda: [f() for _ in range(REPEATS) for f in (lambda: F.linear(x, w), lambda: side(ctas))])
         gemm_alone = statistics.median(k["dur"] for k in alone if "_copy_kernel" not in k["name"])
         side_alone = statistics.median(k["dur"] for k in alone if "_copy_kernel" in k["name"])
 
@@ -88,7 +78,7 @@ def main():
                     side(ctas)
                 main_stream.wait_stream(side_stream)
 
-        recs = [k for k in kernel_records(together) if "sleep" not in k["name"] and "spin" not in k["name"]]
+        recs = [k for k in profiled(together) if "sleep" not in k["name"] and "spin" not in k["name"]]
         gemms = [k for k in recs if "_copy_kernel" not in k["name"]]
         sides = [k for k in recs if "_copy_kernel" in k["name"]]
         start, under, span, gemm_beside = [], [], [], []

@@ -12,14 +12,17 @@ the step's first kernel). --trace-dir keeps rank 0's Chrome traces (gzip).
 """
 import argparse
 import gzip
-import json
 import os
 import shutil
-import tempfile
+import sys
+from typing import Optional
 
 import torch
 
 import tpext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import kernel_records, overlap_us  # noqa: E402  (bench/profiling.py)
 
 GAP_CYCLES = 2_000_000  # torch.cuda._sleep between profiled steps: ~1 ms of idle GPU
 
@@ -33,12 +36,9 @@ def kind(name: str) -> str:
     return "other"
 
 
-def overlap_us(a, b) -> float:
-    return max(0.0, min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"]))
-
-
-def profiled_steps(step, tp, steps: int = 3):
-    """Kernel records of `steps` calls of step(), split per call at the idle gaps between them."""
+def profiled_steps(step, tp, steps: int = 3, trace_path: Optional[str] = None):
+    """Kernel records of `steps` calls of step(), split per call at the idle gaps between them;
+    the Chrome trace is kept at trace_path if given."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -46,12 +46,8 @@ def profiled_steps(step, tp, steps: int = 3):
             tp.all_reduce(torch.ones(1, device=tp.device))  # keeps the ranks in step
             torch.cuda._sleep(GAP_CYCLES)
         torch.cuda.synchronize()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        records = sorted((e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     parts, cur = [], []
+    records = kernel_records(prof, trace_path)
     for e in records:
         if "sleep" in e["name"].lower() or "spin" in e["name"].lower():
             if cur:
@@ -61,7 +57,7 @@ def profiled_steps(step, tp, steps: int = 3):
             cur.append(e)
     if cur:
         parts.append(cur)
-    return [p for p in parts if any(kind(e["name"]) == "GEMM" for e in p)], path
+    return [p for p in parts if any(kind(e["name"]) == "GEMM" for e in p)]
 
 
 def describe(step_records, rank: int, label: str, listing: bool) -> str:
@@ -108,15 +104,17 @@ def main():
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-            steps, path = profiled_steps(step, tp)
+            keep = args.trace_dir and tp.rank == 0
+            trace = os.path.join(args.trace_dir, f"trace-sms{args.overlap_sms}-M{m}-{mode}.json") if keep else None
+            if keep:
+                os.makedirs(args.trace_dir, exist_ok=True)
+            steps = profiled_steps(step, tp, trace_path=trace)
             label = f"overlap_sms={args.overlap_sms} (NCCL CTAs capped alike) M={m} {mode}"
             print(describe(steps[-1], tp.rank, label, listing=tp.rank == 0), flush=True)
-            if args.trace_dir and tp.rank == 0:
-                os.makedirs(args.trace_dir, exist_ok=True)
-                dest = os.path.join(args.trace_dir, f"trace-sms{args.overlap_sms}-M{m}-{mode}.json.gz")
-                with open(path, "rb") as src, gzip.open(dest, "wb") as out:
+            if trace:
+                with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as out:
                     shutil.copyfileobj(src, out)
-            os.unlink(path)
+                os.unlink(trace)
     tpext.destroy()
 
 

@@ -3,10 +3,11 @@
     tpext.set_overlap_sms(16)    # GEMMs beside a collective leave 16 SMs to it
     tpext.overlap_sms()          # -> 16
 
-Overlap: the row-parallel forward runs the GEMM of row piece i+1 while piece i is all-reduced, and
-the column-parallel backward runs the weight-gradient GEMM while the input gradient is
-all-reduced. cuBLASLt's Hopper GEMMs are persistent (one CTA per SM for the whole GEMM), so a GEMM
-that starts first can hold every SM until it ends and the collective beside it waits. With
+Overlap: the row-parallel forward runs the GEMM of piece i+1 (rows or column blocks) while piece i
+is all-reduced, and the column-parallel backward runs the weight-gradient GEMM while the input
+gradient is all-reduced. cuBLASLt's Hopper GEMMs are persistent (one CTA per SM for the whole
+GEMM), so a collective beside one gets no SM of its own: it squeezes in beside the GEMM's CTAs and
+crawls (bench/corun_probe.py: the pair took 1.16-1.40 x the two in series). With
 set_overlap_sms(n), only those GEMMs are sized for n fewer SMs (cuBLASLt's SM count target),
 leaving room for NCCL's kernel; pair it with NCCL's own CTA limit, tpext.init(nccl_max_ctas=n)
 (or NCCL_MAX_CTAS=n in the environment, which caps every NCCL user of the process), so that NCCL
@@ -24,10 +25,7 @@ def set_overlap_sms(sms: int) -> None:
     op checks it against its device's SM count."""
     if isinstance(sms, bool) or not isinstance(sms, int):
         raise TypeError(f"set_overlap_sms: sms: expected an int, got {type(sms).__name__}")
-    if sms < 0:
-        raise ValueError(f"set_overlap_sms: sms: expected >= 0 SMs left to the collective (0: cuBLASLt's choice), "
-                         f"got {sms}")
-    _C.set_overlap_sms(sms)
+    _C.set_overlap_sms(sms)  # a negative count raises ValueError there
 
 
 def overlap_sms() -> int:

@@ -124,9 +124,10 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
     pre = gelu && keep_pre ? at::empty(with_last(input, n), input.options()) : at::empty({0}, input.options());
     if (m == 0 || n == 0) return std::make_tuple(out, pre);
     // cuBLASLt wants the aux (pre-activation) row stride to be a multiple of 8; otherwise the
-    // GELU runs as a torch op after a bias-only GEMM into `pre`. Without aux, any n fuses.
+    // GELU runs as a torch op after a bias-only GEMM into the pre-activation (`pre`, or a scratch
+    // when it is not kept). Without aux, any n fuses.
     const bool fused_gelu = gelu && k > 0 && (!keep_pre || n % 8 == 0);
-    if (gelu && !fused_gelu && !keep_pre) pre = at::empty(with_last(input, n), input.options());  // scratch
+    const at::Tensor unfused = gelu && !fused_gelu ? (keep_pre ? pre : at::empty_like(out)) : at::Tensor();
     core::MatmulDesc d;
     d.m = m;
     d.n = n;
@@ -139,20 +140,19 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
     else d.epilogue = has_bias ? core::Epilogue::kBias : core::Epilogue::kNone;
     if (has_bias && k == 0) {
       // An empty shard of in_features: the product is zero and only the bias remains.
-      (gelu ? pre : out).copy_(bias->expand({m, n}).reshape(out.sizes()));
+      (unfused.defined() ? unfused : out).copy_(bias->expand({m, n}).reshape(out.sizes()));
     } else {
       core::MatmulPointers p;
       p.a = input.data_ptr();
       p.b = weight.data_ptr();
-      p.d = gelu && !fused_gelu ? pre.data_ptr() : out.data_ptr();
+      p.d = unfused.defined() ? unfused.data_ptr() : out.data_ptr();
       p.bias = has_bias ? bias->data_ptr() : nullptr;
       p.aux = fused_gelu && keep_pre ? pre.data_ptr() : nullptr;
       if (fused_gelu && keep_pre) d.ldaux = n;
       at::Tensor ws_holder;
       core::matmul(d, p, workspace_for(input, ws_holder).ptr, ws_holder.numel(), stream_of(input));
     }
-    if (gelu && !fused_gelu) out = at::gelu(pre, "tanh");
-    if (gelu && !keep_pre) pre = at::empty({0}, input.options());
+    if (unfused.defined()) at::gelu_out(out, unfused, "tanh");
   });
   return std::make_tuple(out, pre);
 }
