@@ -270,9 +270,29 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _rss_by_mapping_kb():
+    """Resident kB per mapping of this process (/proc/self/smaps): files by path, anonymous
+    mappings by permissions and size, so that a growth can be pinned on a library or an allocator."""
+    rss, key = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                key = head[5].strip() if len(head) > 5 else f"anon {head[1]} {(hi - lo) >> 20} MB"
+            elif head[0] == "Rss:":
+                rss[key] = rss.get(key, 0) + int(head[1])
+    return rss
+
+
+def _grown_mappings(before, after, min_kb=2048):
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+    return {k: d for k, d in sorted(grown.items(), key=lambda kv: -abs(kv[1])) if abs(d) >= min_kb}
+
+
 def cycles_body(cycles, backend, warmup=3):
     rank, world = _rank()
-    seen = {}
+    seen, rss_trace = {}, []
     t0 = time.monotonic()
     for i in range(1, cycles + 1):
         tp = tpext.init(backend=backend, timeout=60)
@@ -287,35 +307,36 @@ def cycles_body(cycles, backend, warmup=3):
         tpext.destroy()
         assert tpext._C.live_handles() == [], f"cycle {i}: communicators left after destroy: {tpext._C.live_handles()}"
         assert not torch.distributed.is_initialized(), f"cycle {i}: a process group was left after destroy"
+        rss_trace.append(round(_rss_mb()))
         if i in (warmup, cycles):
             mem = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device.type == "cuda" else None
             seen[i] = {"fds": _fds(), "threads": threading.active_count(),
-                       "os_threads": len(os.listdir("/proc/self/task")), "rss_mb": _rss_mb(), "cuda": mem}
-    return {"seen": seen, "seconds": time.monotonic() - t0, "warmup": warmup}
+                       "os_threads": len(os.listdir("/proc/self/task")), "rss_mb": _rss_mb(), "cuda": mem,
+                       "maps": _rss_by_mapping_kb()}
+    return {"seen": seen, "seconds": time.monotonic() - t0, "warmup": warmup, "rss_trace": rss_trace}
 
 
-def check_cycles(results, cycles, label, rss_slack_mb, rss_known_leak=None):
+def check_cycles(results, cycles, label, rss_slack_mb):
     """File descriptors and threads: no more after the last cycle than after the warm-up (one
     fewer was seen in CI: something from before the warm-up closing late, which is no leak; a leak
     of even one per cycle would show as tens more). CUDA memory: exactly flat. Host memory (RSS):
-    within the slack;
-    where a growth is known and not fixed yet (`rss_known_leak` says which), the test ends as an
-    expected failure carrying the numbers, after every other check passed."""
+    within the slack; a failure names the mappings that grew."""
     grown = []
     for rank, r in enumerate(results):
         a, b = r["seen"][r["warmup"]], r["seen"][cycles]
         print(f"\n[init/destroy, {label}] rank {rank}: {cycles} cycles in {r['seconds']:.1f} s; after cycle "
               f"{r['warmup']} -> {cycles}: fds {a['fds']} -> {b['fds']}, OS threads {a['os_threads']} -> "
-              f"{b['os_threads']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB, CUDA {a['cuda']} -> {b['cuda']}")
+              f"{b['os_threads']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB, CUDA {a['cuda']} -> {b['cuda']}; "
+              f"RSS (MB) after each destroy: {r['rss_trace']}; mappings that grew (kB): "
+              f"{_grown_mappings(a['maps'], b['maps'])}")
         assert b["fds"] <= a["fds"], f"rank {rank}: file descriptors leaked: {a['fds']} -> {b['fds']}"
         assert b["os_threads"] <= a["os_threads"], \
             f"rank {rank}: threads leaked: {a['os_threads']} -> {b['os_threads']}"
         assert b["cuda"] == a["cuda"], f"rank {rank}: CUDA memory grew: {a['cuda']} -> {b['cuda']}"
         if b["rss_mb"] - a["rss_mb"] >= rss_slack_mb:
-            grown.append(f"rank {rank}: RSS +{b['rss_mb'] - a['rss_mb']:.1f} MB over {cycles - r['warmup']} cycles")
+            grown.append(f"rank {rank}: RSS +{b['rss_mb'] - a['rss_mb']:.1f} MB over {cycles - r['warmup']} cycles; "
+                         f"mappings that grew (kB): {_grown_mappings(a['maps'], b['maps'])}")
     if grown:
-        if rss_known_leak:
-            pytest.xfail(f"{rss_known_leak}: {'; '.join(grown)}")
         raise AssertionError("; ".join(grown))
 
 

@@ -245,6 +245,9 @@ def destroy() -> None:
         except Exception as e:  # keep releasing the rest, then report
             errors.append(e)
     _destroy_gloo(state.gloo_groups, state.owns_default_pg)
+    # NCCL frees ~100 MB of host memory per communicator it destroys; glibc would keep it, so RSS
+    # would stay at its peak and creep up over init/destroy cycles (csrc/core/host_memory.h).
+    _C.release_freed_host_memory()
     if errors:
         raise errors[0]
 

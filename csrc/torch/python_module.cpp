@@ -6,6 +6,7 @@
 
 #include "core/communicator.h"
 #include "core/error.h"
+#include "core/host_memory.h"
 #include "overlap.h"
 #include "registry.h"
 
@@ -158,4 +159,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("comm_reset_stats", [](int64_t handle) { lookup_communicator(handle, "comm_reset_stats")->reset_stats(); },
         py::arg("handle"));
   m.def("live_handles", &live_handles);
+  m.def("release_freed_host_memory", &core::release_freed_host_memory,
+        "malloc_trim: hand freed heap pages back to the OS; returns the RSS bytes released (0 where unknown).");
 }
