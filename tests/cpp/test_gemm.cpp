@@ -742,6 +742,22 @@ struct Case {
   uint32_t seed = 1;
 };
 
+// A case from the fields the loops below vary; the rest keep Case's defaults.
+Case gemm_case(int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b, DataType dt, Epilogue e, int64_t pad,
+               uint32_t seed) {
+  Case c;
+  c.m = m;
+  c.n = n;
+  c.k = k;
+  c.trans_a = trans_a;
+  c.trans_b = trans_b;
+  c.dtype = dt;
+  c.epilogue = e;
+  c.pad = pad;
+  c.seed = seed;
+  return c;
+}
+
 std::string describe_case(const Case& c) {
   std::ostringstream s;
   s << c.m << "x" << c.n << "x" << c.k << " trans_a=" << c.trans_a << " trans_b=" << c.trans_b
@@ -917,16 +933,8 @@ TEST(GemmGpu, AllTransposesShapesAndDtypes) {
     for (const Shape& sh : shapes)
       for (int t = 0; t < 4; ++t)
         for (int64_t pad : {0, 3}) {
-          Case c;
-          c.m = sh.m;
-          c.n = sh.n;
-          c.k = sh.k;
-          c.trans_a = (t & 1) != 0;
-          c.trans_b = (t & 2) != 0;
-          c.dtype = pr.dtype;
+          Case c = gemm_case(sh.m, sh.n, sh.k, (t & 1) != 0, (t & 2) != 0, pr.dtype, Epilogue::kNone, pad, seed += 10);
           c.allow_tf32 = pr.tf32;
-          c.pad = pad;
-          c.seed = seed += 10;
           run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes);
         }
 }
@@ -948,17 +956,8 @@ TEST(GemmGpu, EveryEpilogue) {
         if (epilogue_uses_aux(e) && trans_a) continue;
         for (const Shape& sh : shapes)
           for (int64_t pad : {0, 5}) {
-            Case c;
-            c.m = sh.m;
-            c.n = sh.n;
-            c.k = sh.k;
-            c.trans_a = trans_a;
-            c.trans_b = trans_b;
-            c.dtype = dt;
-            c.epilogue = e;
-            c.pad = pad;
-            c.seed = seed += 10;
-            run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes);
+            run_case(gemm_case(sh.m, sh.n, sh.k, trans_a, trans_b, dt, e, pad, seed += 10), env.stream.get(),
+                     env.workspace.get(), env.workspace_bytes);
           }
       }
     }
@@ -976,17 +975,8 @@ TEST(GemmGpu, AccumulateAddsToD) {
         if (e == Epilogue::kBgrad && !trans_a) continue;
         for (const Shape& sh : shapes)
           for (int64_t pad : {0, 2}) {
-            Case c;
-            c.m = sh.m;
-            c.n = sh.n;
-            c.k = sh.k;
-            c.trans_a = trans_a;
-            c.trans_b = trans_b;
-            c.dtype = dt;
-            c.epilogue = e;
+            Case c = gemm_case(sh.m, sh.n, sh.k, trans_a, trans_b, dt, e, pad, seed += 10);
             c.accumulate = true;
-            c.pad = pad;
-            c.seed = seed += 10;
             run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes);
           }
       }
@@ -1002,17 +992,8 @@ TEST(GemmGpu, ElementAlignedPointers) {
     for (Epilogue e : {Epilogue::kNone, Epilogue::kBias})
       for (int t = 0; t < 4; ++t)
         for (int64_t pad : {0, 3}) {
-          Case c;
-          c.m = 17;
-          c.n = 33;
-          c.k = 65;
-          c.trans_a = (t & 1) != 0;
-          c.trans_b = (t & 2) != 0;
-          c.dtype = dt;
-          c.epilogue = e;
-          c.pad = pad;
+          Case c = gemm_case(17, 33, 65, (t & 1) != 0, (t & 2) != 0, dt, e, pad, seed += 10);
           c.misalign = 1;
-          c.seed = seed += 10;
           run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes);
         }
 }
@@ -1056,15 +1037,8 @@ TEST(GemmGpu, NoWorkspace) {
   for (DataType dt : kDtypes)
     for (Epilogue e : {Epilogue::kNone, Epilogue::kBias})
       for (const Shape& sh : {Shape{64, 96, 128}, Shape{256, 512, 384}}) {
-        Case c;
-        c.m = sh.m;
-        c.n = sh.n;
-        c.k = sh.k;
-        c.trans_b = e == Epilogue::kBias;
-        c.dtype = dt;
-        c.epilogue = e;
-        c.seed = seed += 10;
-        run_case(c, env.stream.get(), nullptr, 0);
+        run_case(gemm_case(sh.m, sh.n, sh.k, false, e == Epilogue::kBias, dt, e, 0, seed += 10), env.stream.get(),
+                 nullptr, 0);
       }
 }
 
@@ -1100,6 +1074,35 @@ TEST(GemmGpu, LinearLayerForwardAndBackward) {
     SCOPED_TRACE(dtype_name(dt));
     const double gemm_tol = gemm_tolerance(dt, false), act_tol = activation_tolerance(dt, false);
     auto idx = [](int64_t r, int64_t c, int64_t cols) { return sz(r * cols + c); };
+    // A layer's weight gradient dW = dY^T·In (outs x ins) with its bias gradient from the kBgrad
+    // epilogue, db = Σ_t dY, against the host sums of the same inputs.
+    auto check_wgrad = [&](const std::string& layer, const Tensor& dy, const std::vector<float>& hdy,
+                           const Tensor& in, const std::vector<float>& hin, int64_t outs, int64_t ins) {
+      Tensor dw(dt, outs, ins), db(dt, 1, outs);
+      dw.mem.poison(s);
+      db.mem.poison(s);
+      MatmulDesc wg;
+      wg.m = outs;
+      wg.n = ins;
+      wg.k = T;
+      wg.trans_a = true;
+      wg.dtype = dt;
+      wg.epilogue = Epilogue::kBgrad;
+      MatmulPointers pw;
+      pw.a = dy.mem.ptr;
+      pw.b = in.mem.ptr;
+      pw.d = dw.mem.ptr;
+      pw.bgrad = db.mem.ptr;
+      matmul(wg, pw, ws, wsb, s);
+      std::vector<double> ref_dw(sz(outs * ins), 0.0), ref_db(sz(outs), 0.0);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t o = 0; o < outs; ++o) {
+          ref_db[sz(o)] += hdy[idx(t, o, outs)];
+          for (int64_t i = 0; i < ins; ++i) ref_dw[idx(o, i, ins)] += double(hdy[idx(t, o, outs)]) * hin[idx(t, i, ins)];
+        }
+      expect_matches(layer + " weight grad", dw.read(s), ref_dw, gemm_tol);
+      expect_matches(layer + " bias grad (bgrad)", db.read(s), ref_db, gemm_tol);
+    };
 
     Tensor x(dt, T, In), w1(dt, Hid, In), b1(dt, 1, Hid);
     Tensor w2(dt, Out, Hid), b2(dt, 1, Out), dz(dt, T, Out);
@@ -1162,32 +1165,7 @@ TEST(GemmGpu, LinearLayerForwardAndBackward) {
       }
     expect_matches("fc2 output", z.read(s), ref_z, gemm_tol);
 
-    // fc2 wgrad: dW2 = dZ^T·H, db2 = Σ_t dZ.
-    Tensor dw2(dt, Out, Hid), db2(dt, 1, Out);
-    dw2.mem.poison(s);
-    db2.mem.poison(s);
-    MatmulDesc wg2;
-    wg2.m = Out;
-    wg2.n = Hid;
-    wg2.k = T;
-    wg2.trans_a = true;
-    wg2.dtype = dt;
-    wg2.epilogue = Epilogue::kBgrad;
-    MatmulPointers pw2;
-    pw2.a = dz.mem.ptr;
-    pw2.b = h.mem.ptr;
-    pw2.d = dw2.mem.ptr;
-    pw2.bgrad = db2.mem.ptr;
-    matmul(wg2, pw2, ws, wsb, s);
-    std::vector<double> ref_dw2(sz(Out * Hid), 0.0), ref_db2(sz(Out), 0.0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < Out; ++o) {
-        ref_db2[sz(o)] += hdz[idx(t, o, Out)];
-        for (int64_t i = 0; i < Hid; ++i)
-          ref_dw2[idx(o, i, Hid)] += double(hdz[idx(t, o, Out)]) * gh[idx(t, i, Hid)];
-      }
-    expect_matches("fc2 weight grad", dw2.read(s), ref_dw2, gemm_tol);
-    expect_matches("fc2 bias grad", db2.read(s), ref_db2, gemm_tol);
+    check_wgrad("fc2", dz, hdz, h, gh, Out, Hid);  // dW2 = dZ^T·H, db2 = Σ_t dZ
 
     // fc2 dgrad fused with fc1's GELU backward: dPre = (dZ·W2) ⊙ gelu'(Pre), db1 = Σ_t dPre.
     Tensor dpre(dt, T, Hid), db1(dt, 1, Hid);
@@ -1219,32 +1197,7 @@ TEST(GemmGpu, LinearLayerForwardAndBackward) {
     expect_matches("fc1 pre-activation grad", gdpre, ref_dpre, act_tol);
     expect_matches("fc1 bias grad (dgelu_bgrad)", db1.read(s), ref_db1, act_tol);
 
-    // fc1 wgrad: dW1 = dPre^T·X, and db1 again from kBgrad.
-    Tensor dw1(dt, Hid, In), db1_again(dt, 1, Hid);
-    dw1.mem.poison(s);
-    db1_again.mem.poison(s);
-    MatmulDesc wg1;
-    wg1.m = Hid;
-    wg1.n = In;
-    wg1.k = T;
-    wg1.trans_a = true;
-    wg1.dtype = dt;
-    wg1.epilogue = Epilogue::kBgrad;
-    MatmulPointers pw1;
-    pw1.a = dpre.mem.ptr;
-    pw1.b = x.mem.ptr;
-    pw1.d = dw1.mem.ptr;
-    pw1.bgrad = db1_again.mem.ptr;
-    matmul(wg1, pw1, ws, wsb, s);
-    std::vector<double> ref_dw1(sz(Hid * In), 0.0), ref_db1_again(sz(Hid), 0.0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < Hid; ++o) {
-        ref_db1_again[sz(o)] += gdpre[idx(t, o, Hid)];
-        for (int64_t i = 0; i < In; ++i)
-          ref_dw1[idx(o, i, In)] += double(gdpre[idx(t, o, Hid)]) * hx[idx(t, i, In)];
-      }
-    expect_matches("fc1 weight grad", dw1.read(s), ref_dw1, gemm_tol);
-    expect_matches("fc1 bias grad (bgrad)", db1_again.read(s), ref_db1_again, gemm_tol);
+    check_wgrad("fc1", dpre, gdpre, x, hx, Hid, In);  // dW1 = dPre^T·X, and db1 again from kBgrad
 
     // fc1 dgrad: dX = dPre·W1.
     Tensor dx(dt, T, In);
