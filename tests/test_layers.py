@@ -474,3 +474,21 @@ def test_overlap_sms_is_validated_and_kept():
         assert tpext.overlap_sms() == 16
     finally:
         tpext.set_overlap_sms(0)
+
+
+def test_gemm_autotune_is_validated_and_kept():
+    """tpext.set_gemm_autotune: off by default (results stay bitwise reproducible across runs);
+    bad counts name the argument and change nothing."""
+    assert tpext.gemm_autotune() == 0, "autotuning must be opt-in"
+    try:
+        for bad in (-1, 17):
+            with pytest.raises(ValueError, match=r"\bcandidates\b.*0 \(off\) to 16"):
+                tpext.set_gemm_autotune(bad)
+        for bad in (2.0, "8", True):
+            with pytest.raises(TypeError, match=r"\bcandidates\b"):
+                tpext.set_gemm_autotune(bad)
+        assert tpext.gemm_autotune() == 0
+        tpext.set_gemm_autotune(8)
+        assert tpext.gemm_autotune() == 8
+    finally:
+        tpext.set_gemm_autotune(0)

@@ -142,6 +142,13 @@ def parity_body(tp_size=None):
         check_row_chunks(tp, device, tag, dtype)
         check_gelu_without_pre(tp, device, tag, dtype)
     check_row_chunks(tp, device, tag, torch.float16)
+    # Autotuned GEMMs (tpext.set_gemm_autotune): whichever algorithm the timing keeps, the MLPs
+    # still match the full model within the dtype's bound, forward and every gradient.
+    tpext.set_gemm_autotune(8)
+    try:
+        check_mlps(tp, device, f"{tag}/autotune", sizes=GPU_MLP_SIZES)
+    finally:
+        tpext.set_gemm_autotune(0)
     tpext.destroy()
 
 

@@ -1,7 +1,8 @@
-"""Knobs that change how fast the TP layers run, never what they compute.
+"""Knobs that change how fast the TP layers run, never what they compute beyond rounding.
 
     tpext.set_overlap_sms(16)    # GEMMs beside a collective leave 16 SMs to it
     tpext.overlap_sms()          # -> 16
+    tpext.set_gemm_autotune(8)   # time cuBLASLt's 8 best algorithms per GEMM problem, keep the fastest
 
 Overlap: the row-parallel forward runs the GEMM of piece i+1 (rows or column blocks) while piece i
 is all-reduced, and the column-parallel backward runs the weight-gradient GEMM while the input
@@ -16,6 +17,16 @@ it pays depends on the sizes: bench/mlp.py --overlap-sms measures it (bench/NOTE
 
 The setting is process-wide and read when an op is enqueued: a CUDA graph keeps the value it was
 captured with.
+
+GEMM autotuning: cuBLASLt's heuristic ranks its algorithms by a model, and its first choice is not
+always the fastest one (bench/gemm_compare.py found tpext's bias+GELU+aux GEMM 3-8 % behind torch's
+GEMM + GELU at some sizes). With set_gemm_autotune(n), the first call of each distinct GEMM problem
+(shapes, layouts, dtype, epilogue, alignment) outside CUDA-graph capture times the heuristic's best
+n algorithms on its own operands and keeps the fastest for every later call; under capture the first
+choice runs and the next eager call tunes. The price: one host wait per new problem, and the choice
+may differ between processes and ranks, so results stop being bitwise reproducible across runs
+(rounding differs between algorithms). Off (0) by default for that reason; GEMMs that accumulate
+into their output are never tuned.
 """
 from . import _C
 
@@ -31,3 +42,16 @@ def set_overlap_sms(sms: int) -> None:
 def overlap_sms() -> int:
     """The current set_overlap_sms value."""
     return int(_C.overlap_sms())
+
+
+def set_gemm_autotune(candidates: int) -> None:
+    """How many of cuBLASLt's best algorithms to time per GEMM problem (0 or 1: off, up to 16).
+    Plans made under another setting stay cached beside the new ones."""
+    if isinstance(candidates, bool) or not isinstance(candidates, int):
+        raise TypeError(f"set_gemm_autotune: candidates: expected an int, got {type(candidates).__name__}")
+    _C.set_gemm_autotune(candidates)  # outside [0, 16] raises ValueError there
+
+
+def gemm_autotune() -> int:
+    """The current set_gemm_autotune value."""
+    return int(_C.gemm_autotune())

@@ -1,6 +1,8 @@
 #include "gemm.h"
 
+#include <atomic>
 #include <memory>
+#include <string>
 
 #include "error.h"
 #include "gemm_cache.h"
@@ -11,6 +13,8 @@ namespace tpext::core {
 namespace {
 
 constexpr size_t kMiB = size_t{1} << 20;
+
+std::atomic<int> g_autotune{0};
 
 // Takes the desc rather than a message so that the description is formatted only on failure.
 void check_cuda_for(cudaError_t result, const char* call, const MatmulDesc& desc) {
@@ -54,14 +58,17 @@ void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
   }
   int device = -1;
   check_cuda_for(cudaGetDevice(&device), "cudaGetDevice", d);
-  const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes);
+  // One candidate is no tuning: the same plan as with autotuning off.
+  const int autotune = g_autotune.load(std::memory_order_relaxed) > 1 ? g_autotune.load(std::memory_order_relaxed) : 0;
+  const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes, autotune);
   std::shared_ptr<MatmulPlan> plan = find_plan(key);
   if (!plan) {
     // Built outside the cache lock: a heuristic query must not stall other threads' lookups.
     // A plan that fails to build throws here and leaves nothing cached.
     plan = insert_plan(key, std::make_shared<MatmulPlan>(cublaslt_handle(device), d, ptrs,
-                                                         workspace_bytes));
+                                                         workspace_bytes, autotune));
   }
+  if (autotune > 1 && !plan->tuned()) plan->tune(ptrs, workspace, workspace_bytes, stream);
   plan->run(ptrs, workspace, workspace_bytes, stream);
 }
 
@@ -81,5 +88,15 @@ size_t matmul_workspace_bytes() {
 }
 
 size_t matmul_cache_size() { return plan_cache_size(); }
+
+void set_matmul_autotune(int candidates) {
+  if (candidates < 0 || candidates > kMaxAutotuneCandidates)
+    throw_invalid_argument("set_matmul_autotune: candidates: expected 0 (off) to " +
+                           std::to_string(kMaxAutotuneCandidates) + " algorithms to time, got " +
+                           std::to_string(candidates));
+  g_autotune.store(candidates, std::memory_order_relaxed);
+}
+
+int matmul_autotune() { return g_autotune.load(std::memory_order_relaxed); }
 
 }  // namespace tpext::core

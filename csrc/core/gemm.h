@@ -93,4 +93,17 @@ const char* epilogue_name(Epilogue e);
 // Number of cached cuBLASLt plans, all devices together (for tests and diagnostics).
 size_t matmul_cache_size();
 
+// Autotuning, process-wide, off by default. With `candidates` = n >= 2, the first call of each
+// distinct GEMM that runs outside CUDA-graph capture asks the heuristic for its best n algorithms,
+// times each on that call's own operands (one warm-up and three timed runs, CUDA events, one host
+// wait) and keeps the fastest for every later call of the same problem. The heuristic's first
+// choice is not always the fastest (bench/gemm_compare.py: tpext's bias+GELU+aux GEMM 3-8 %
+// behind torch's GEMM + GELU at some sizes). Costs: the host wait once per problem, and the choice
+// can differ between runs and ranks, so results are no longer bitwise reproducible across
+// processes; hence opt-in. Accumulating GEMMs (D += ...) are never tuned (the timed runs would
+// add into D). 0 or 1: the heuristic's first choice. Throws InvalidArgument outside [0, 16].
+void set_matmul_autotune(int candidates);
+int matmul_autotune();
+constexpr int kMaxAutotuneCandidates = 16;
+
 }  // namespace tpext::core

@@ -21,6 +21,7 @@ struct MatmulKey {
   int64_t lda = 0, ldb = 0, ldd = 0, ldaux = 0;  // resolved: never 0 (packed) here
   bool trans_a = false, trans_b = false, accumulate = false, allow_tf32 = false;
   int sm_count_target = 0;
+  int autotune = 0;  // matmul_autotune() when the plan was made: a plan tuned or not is another plan
   DataType dtype = DataType::kFloat32;
   Epilogue epilogue = Epilogue::kNone;
   size_t workspace_bytes = 0;
@@ -37,7 +38,7 @@ struct MatmulKeyHash {
 // `desc` must be valid; its 0 (packed) leading dimensions are resolved first, so a packed desc
 // and the same desc with explicit row lengths share a plan.
 MatmulKey make_matmul_key(const MatmulDesc& desc, const MatmulPointers& ptrs, int device,
-                          size_t workspace_bytes);
+                          size_t workspace_bytes, int autotune = 0);
 
 // The cached plan for `key`, or null.
 std::shared_ptr<MatmulPlan> find_plan(const MatmulKey& key);

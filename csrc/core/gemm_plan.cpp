@@ -113,7 +113,7 @@ uint8_t alignment_class(const void* p) {
 }
 
 MatmulPlan::MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
-                       size_t workspace_bytes)
+                       size_t workspace_bytes, int candidates)
     : handle_(handle), desc_(desc), what_(describe(desc)) {
   const cudaDataType_t type = cuda_type(desc.dtype);
   const cublasComputeType_t compute =
@@ -161,15 +161,17 @@ MatmulPlan::MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const Ma
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d, what_);
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d, what_);
 
-  cublasLtMatmulHeuristicResult_t result{};
+  const int wanted = candidates < 1 ? 1 : candidates;
+  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(wanted));
   int found = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
       handle_, op, layout_cublas_a_.get(), layout_cublas_b_.get(), layout_d_.get(),
-      layout_d_.get(), raw_pref, 1, &result, &found);
-  const bool none_found = status == CUBLAS_STATUS_NOT_SUPPORTED ||
-                          (status == CUBLAS_STATUS_SUCCESS &&
-                           (found == 0 || result.state != CUBLAS_STATUS_SUCCESS));
-  if (none_found) {
+      layout_d_.get(), raw_pref, wanted, results.data(), &found);
+  if (status == CUBLAS_STATUS_SUCCESS) {
+    for (int i = 0; i < found; ++i)
+      if (results[static_cast<size_t>(i)].state == CUBLAS_STATUS_SUCCESS) candidates_.push_back(results[static_cast<size_t>(i)].algo);
+  }
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && candidates_.empty())) {
     std::string msg = "tpext cuBLASLt error: cublasLtMatmulAlgoGetHeuristic found no algorithm";
     msg += " for " + what_ + " with workspace_bytes=" + std::to_string(workspace_bytes);
     msg += " and pointer alignments a=" + std::to_string(align_cublas_b) + " b=" +
@@ -178,7 +180,7 @@ MatmulPlan::MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const Ma
   }
   if (status != CUBLAS_STATUS_SUCCESS)
     throw_cublas_error(status, "cublasLtMatmulAlgoGetHeuristic", what_);
-  algo_ = result.algo;
+  tuned_ = candidates_.size() == 1;  // nothing to choose between
 }
 
 void MatmulPlan::set_epilogue_pointers(const MatmulPointers& ptrs) {
@@ -196,17 +198,96 @@ void MatmulPlan::set_epilogue_pointers(const MatmulPointers& ptrs) {
   }
 }
 
-void MatmulPlan::run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
-                     cudaStream_t stream) {
+cublasStatus_t MatmulPlan::enqueue(const cublasLtMatmulAlgo_t& algo, const MatmulPointers& ptrs, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream) {
   const float alpha = 1.0f;
   const float beta = desc_.accumulate ? 1.0f : 0.0f;  // beta = 0: D is not read, may be garbage
-  std::lock_guard<std::mutex> lock(mu_);
   set_epilogue_pointers(ptrs);
-  TPEXT_CUBLAS_CHECK(cublasLtMatmul(handle_, op_.get(), &alpha, ptrs.b, layout_cublas_a_.get(),
-                                    ptrs.a, layout_cublas_b_.get(), &beta, ptrs.d,
-                                    layout_d_.get(), ptrs.d, layout_d_.get(), &algo_, workspace,
-                                    workspace_bytes, stream),
-                     what_);
+  return cublasLtMatmul(handle_, op_.get(), &alpha, ptrs.b, layout_cublas_a_.get(), ptrs.a, layout_cublas_b_.get(),
+                        &beta, ptrs.d, layout_d_.get(), ptrs.d, layout_d_.get(), &algo, workspace, workspace_bytes,
+                        stream);
+}
+
+void MatmulPlan::run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TPEXT_CUBLAS_CHECK(enqueue(candidates_[chosen_], ptrs, workspace, workspace_bytes, stream), what_);
+}
+
+bool MatmulPlan::tuned() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return tuned_;
+}
+
+size_t MatmulPlan::chosen() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return chosen_;
+}
+
+namespace {
+
+// CUDA events for timing, destroyed on every path out of tune().
+struct TimingEvents {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  TimingEvents() {
+    TPEXT_CUDA_CHECK(cudaEventCreate(&start));
+    const cudaError_t made = cudaEventCreate(&stop);
+    if (made != cudaSuccess) {
+      (void)cudaEventDestroy(start);
+      TPEXT_CUDA_CHECK(made);
+    }
+  }
+  ~TimingEvents() {
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+  }
+};
+
+// While tuning waits on the host, another thread may be capturing a CUDA graph in global mode,
+// which forbids such waits process-wide; relaxed mode for this thread, restored on the way out.
+struct RelaxedCaptureMode {
+  cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
+  RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
+  ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
+};
+
+}  // namespace
+
+void MatmulPlan::tune(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tuned_) return;
+  if (desc_.accumulate) {  // every timed run would add into D
+    tuned_ = true;
+    return;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TPEXT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // no timing inside a graph; the next eager call tunes
+  RelaxedCaptureMode relaxed;
+  TimingEvents events;
+  constexpr int kTimedRuns = 3;
+  float best_ms = 0.0f;
+  size_t best = 0;
+  bool any = false;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    // A candidate cuBLASLt refuses to run for these operands is passed over, not an error.
+    if (enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) != CUBLAS_STATUS_SUCCESS) continue;
+    TPEXT_CUDA_CHECK(cudaEventRecord(events.start, stream));
+    bool ran = true;
+    for (int r = 0; r < kTimedRuns && ran; ++r)
+      ran = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
+    TPEXT_CUDA_CHECK(cudaEventRecord(events.stop, stream));
+    TPEXT_CUDA_CHECK(cudaEventSynchronize(events.stop));
+    float ms = 0.0f;
+    TPEXT_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
+    if (ran && (!any || ms < best_ms)) {
+      best_ms = ms;
+      best = i;
+      any = true;
+    }
+  }
+  chosen_ = best;  // the heuristic's first choice when no candidate could be timed
+  tuned_ = true;
 }
 
 }  // namespace tpext::core

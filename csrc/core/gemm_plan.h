@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <cublasLt.h>
 
@@ -35,8 +36,9 @@ class MatmulPlan {
  public:
   // `desc` has resolved leading dimensions and has been validated, with m, n, k > 0. `ptrs` are
   // the first call's: the heuristic reads the alignment of every pointer, bias and aux included.
+  // `candidates` > 1 keeps that many of the heuristic's algorithms for tune() to choose from.
   MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
-             size_t workspace_bytes);
+             size_t workspace_bytes, int candidates = 1);
   MatmulPlan(const MatmulPlan&) = delete;
   MatmulPlan& operator=(const MatmulPlan&) = delete;
 
@@ -45,8 +47,23 @@ class MatmulPlan {
   void run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
            cudaStream_t stream);
 
+  // Times every candidate algorithm on this call's operands on `stream` and keeps the fastest
+  // (see set_matmul_autotune); waits on the host for the timing. Does nothing once tuned, with a
+  // single candidate, or while `stream` is being captured into a CUDA graph (the next eager call
+  // tunes). The timed runs write D, aux and bgrad; the caller's run() afterwards writes them
+  // again with the chosen algorithm.
+  void tune(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+  bool tuned() const;
+  // How many algorithms the heuristic offered for tune() (1 when not autotuning).
+  size_t candidate_count() const { return candidates_.size(); }
+  // Index into those of the algorithm run() uses: 0 (the heuristic's first choice) until tuned.
+  size_t chosen() const;
+
  private:
   void set_epilogue_pointers(const MatmulPointers& ptrs);
+  // One cublasLtMatmul with `algo`; the caller holds mu_.
+  cublasStatus_t enqueue(const cublasLtMatmulAlgo_t& algo, const MatmulPointers& ptrs, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
 
   cublasLtHandle_t handle_;
   MatmulDesc desc_;
@@ -56,11 +73,13 @@ class MatmulPlan {
   std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_cublas_a_;
   std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_cublas_b_;
   std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_d_;
-  cublasLtMatmulAlgo_t algo_{};
+  std::vector<cublasLtMatmulAlgo_t> candidates_;  // the heuristic's order; [0] its first choice
+  size_t chosen_ = 0;
+  bool tuned_ = false;
   // The bias/aux pointers live in op_, so setting them and enqueueing must not interleave
   // between threads. cublasLtMatmul reads the descriptor during the call only, so the lock is
-  // held for the enqueue, never for the GPU work.
-  std::mutex mu_;
+  // held for the enqueue, never for the GPU work (except tune's timing, once per plan).
+  mutable std::mutex mu_;
 };
 
 }  // namespace tpext::core

@@ -6,6 +6,7 @@
 
 #include "core/communicator.h"
 #include "core/error.h"
+#include "core/gemm.h"
 #include "core/host_memory.h"
 #include "overlap.h"
 #include "registry.h"
@@ -65,6 +66,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_overlap_sms", &tpext::adapter::set_overlap_sms, py::arg("sms"),
         "SMs the GEMMs that run beside a collective leave free for it (0: cuBLASLt's choice).");
   m.def("overlap_sms", &tpext::adapter::overlap_sms);
+  m.def("set_gemm_autotune", &core::set_matmul_autotune, py::arg("candidates"),
+        "Time the heuristic's best `candidates` cuBLASLt algorithms per GEMM problem, keep the fastest (0: off).");
+  m.def("gemm_autotune", &core::matmul_autotune);
 
   m.def(
       "comm_create",

@@ -443,6 +443,7 @@ TEST(GemmCacheKey, EveryFieldSplitsTheKey) {
 
   EXPECT_NE(key, make_matmul_key(base, p, 1, 1024)) << "device";
   EXPECT_NE(key, make_matmul_key(base, p, 0, 2048)) << "workspace_bytes";
+  EXPECT_NE(key, make_matmul_key(base, p, 0, 1024, 8)) << "autotune";
 
   // The heuristic picks kernels by alignment, so each pointer's class is part of the key.
   auto shifted = [](const void* ptr) { return static_cast<char*>(const_cast<void*>(ptr)) + 8; };
@@ -844,7 +845,22 @@ Reference reference_for(const Case& c, const HostMatrix& a, const HostMatrix& b,
 
 // Runs one case through matmul and checks D, aux and bgrad: values, every element written,
 // padding untouched.
-void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+// Enqueues `desc` on `stream` inside a CUDA graph capture, then launches the graph once.
+void matmul_in_graph(const MatmulDesc& desc, const MatmulPointers& p, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream) {
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  matmul(desc, p, workspace, workspace_bytes, stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  (void)cudaGraphExecDestroy(exec);
+  (void)cudaGraphDestroy(graph);
+}
+
+void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t workspace_bytes, bool in_graph = false) {
   SCOPED_TRACE(describe_case(c));
   const MatmulDesc desc = desc_for(c);
   const MatmulDesc strides = with_resolved_leading_dims(desc);  // how the test lays memory out
@@ -886,7 +902,10 @@ void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t worksp
   if (epilogue_reads_bias(e)) p.bias = dbias.ptr;
   if (epilogue_uses_aux(e)) p.aux = daux.ptr;
   if (epilogue_writes_bgrad(e)) p.bgrad = dbgrad.ptr;
-  matmul(desc, p, workspace, workspace_bytes, stream);
+  if (in_graph)
+    matmul_in_graph(desc, p, workspace, workspace_bytes, stream);
+  else
+    matmul(desc, p, workspace, workspace_bytes, stream);
 
   const Reference ref = reference_for(c, a, b, bias, aux_in, d0);
   const bool activation = e != Epilogue::kNone && e != Epilogue::kBias && e != Epilogue::kBgrad;
@@ -1219,6 +1238,88 @@ TEST(GemmGpu, LinearLayerForwardAndBackward) {
           ref_dx[idx(t, i, In)] += double(gdpre[idx(t, o, Hid)]) * hw1[idx(o, i, In)];
     expect_matches("fc1 input grad", dx.read(s), ref_dx, gemm_tol);
   }
+}
+
+// Sets the process-wide autotune count for one test and puts it back.
+struct AutotuneScope {
+  explicit AutotuneScope(int candidates) : previous(matmul_autotune()) { set_matmul_autotune(candidates); }
+  ~AutotuneScope() { set_matmul_autotune(previous); }
+  int previous;
+};
+
+TEST(GemmAutotune, CandidateCountIsChecked) {
+  const int before = matmul_autotune();
+  for (int bad : {-1, kMaxAutotuneCandidates + 1}) {
+    try {
+      set_matmul_autotune(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("candidates"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(matmul_autotune(), before) << "a rejected value must leave the setting alone";
+  }
+  AutotuneScope scope(kMaxAutotuneCandidates);
+  EXPECT_EQ(matmul_autotune(), kMaxAutotuneCandidates);
+}
+
+// Whichever algorithm the timing picks, every epilogue, layout and dtype still matches the
+// reference; accumulating GEMMs (not tuned) too. Then the plan of one large problem must have
+// had several algorithms to choose from and be marked tuned.
+TEST(GemmGpu, AutotunedPlansStayCorrect) {
+  TPEXT_REQUIRE_GPUS(1);
+  GpuEnv env;
+  AutotuneScope scope(8);
+  const Shape shapes[] = {{17, 33, 65}, {256, 512, 384}};
+  uint32_t seed = 30000;
+  for (DataType dt : kDtypes)
+    for (Epilogue e : kAllEpilogues)
+      for (int t = 0; t < 4; ++t) {
+        const bool trans_a = (t & 1) != 0, trans_b = (t & 2) != 0;
+        if (e == Epilogue::kBgrad && !trans_a) continue;
+        if (epilogue_uses_aux(e) && trans_a) continue;
+        for (const Shape& sh : shapes) {
+          run_case(gemm_case(sh.m, sh.n, sh.k, trans_a, trans_b, dt, e, 0, seed += 10), env.stream.get(),
+                   env.workspace.get(), env.workspace_bytes);
+          if (e == Epilogue::kNone || e == Epilogue::kBias) {
+            Case c = gemm_case(sh.m, sh.n, sh.k, trans_a, trans_b, dt, e, 0, seed += 10);
+            c.accumulate = true;
+            run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes);
+          }
+        }
+      }
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  const Case big = gemm_case(256, 512, 384, false, true, DataType::kBFloat16, Epilogue::kBiasGeluAux, 0, 1);
+  // run_case's buffers are fresh allocations: 16-byte aligned, as the fake pointers are.
+  const auto plan = find_plan(make_matmul_key(desc_for(big), pointers_for(big.epilogue), device,
+                                              env.workspace_bytes, 8));
+  ASSERT_NE(plan, nullptr) << "no plan cached under the autotune key";
+  EXPECT_GT(plan->candidate_count(), 1u) << "the heuristic offered one algorithm: nothing was tuned";
+  EXPECT_TRUE(plan->tuned());
+  EXPECT_LT(plan->chosen(), plan->candidate_count());
+}
+
+// Inside a CUDA graph capture there is no timing (it would need a host wait): the captured GEMM
+// runs the heuristic's first choice and is right; the first eager call afterwards tunes.
+TEST(GemmGpu, AutotuneWaitsForAnEagerCall) {
+  TPEXT_REQUIRE_GPUS(1);
+  GpuEnv env;
+  AutotuneScope scope(8);
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  // A shape no other test uses, so the capture below makes its plan.
+  const Case c = gemm_case(200, 328, 264, false, true, DataType::kBFloat16, Epilogue::kBias, 0, 40000);
+  const MatmulKey key = make_matmul_key(desc_for(c), pointers_for(c.epilogue), device, env.workspace_bytes, 8);
+  ASSERT_EQ(find_plan(key), nullptr) << "the shape was planned before this test";
+  run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes, /*in_graph=*/true);
+  const auto plan = find_plan(key);
+  ASSERT_NE(plan, nullptr);
+  if (plan->candidate_count() > 1) EXPECT_FALSE(plan->tuned()) << "timed inside a capture";
+  EXPECT_EQ(plan->chosen(), 0u);
+  Case again = c;
+  again.seed = 40010;
+  run_case(again, env.stream.get(), env.workspace.get(), env.workspace_bytes);
+  EXPECT_TRUE(plan->tuned());
 }
 
 TEST(GemmGpu, SecondIdenticalCallReusesThePlan) {
