@@ -265,36 +265,26 @@ void MatmulPlan::tune(const MatmulPointers& ptrs, void* workspace, size_t worksp
   if (capture != cudaStreamCaptureStatusNone) return;  // no timing inside a graph; the next eager call tunes
   RelaxedCaptureMode relaxed;
   TimingEvents events;
-  // Rounds over all candidates, each candidate's best round kept: a single short timing is at the
-  // mercy of clocks and of whatever ran just before (a first tuner on H100 that timed each
-  // candidate once, three runs, kept slower algorithms as often as faster ones).
-  constexpr int kRounds = 3, kTimedRuns = 2;
-  std::vector<float> best_ms(candidates_.size(), -1.0f);  // -1: cuBLASLt refused to run it
-  std::vector<bool> usable(candidates_.size(), true);
-  for (size_t i = 0; i < candidates_.size(); ++i)  // one warm-up each; a refused one is passed over
-    usable[i] = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
-  for (int round = 0; round < kRounds; ++round) {
-    for (size_t i = 0; i < candidates_.size(); ++i) {
-      if (!usable[i]) continue;
-      TPEXT_CUDA_CHECK(cudaEventRecord(events.start, stream));
-      for (int r = 0; r < kTimedRuns && usable[i]; ++r)
-        usable[i] = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
-      TPEXT_CUDA_CHECK(cudaEventRecord(events.stop, stream));
-      TPEXT_CUDA_CHECK(cudaEventSynchronize(events.stop));
-      float ms = 0.0f;
-      TPEXT_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
-      if (usable[i] && (best_ms[i] < 0.0f || ms < best_ms[i])) best_ms[i] = ms;
-    }
-  }
-  // The heuristic's first choice stays unless another is clearly faster: differences of a few
-  // percent are within what these short timings can tell apart.
-  constexpr float kMargin = 0.97f;
+  constexpr int kTimedRuns = 3;
+  float best_ms = 0.0f;
   size_t best = 0;
-  for (size_t i = 1; i < candidates_.size(); ++i) {
-    if (!usable[i] || best_ms[i] < 0.0f) continue;
-    const bool first_timed = usable[0] && best_ms[0] >= 0.0f;
-    const float bar = best == 0 ? (first_timed ? best_ms[0] * kMargin : -1.0f) : best_ms[best];
-    if (bar < 0.0f || best_ms[i] < bar) best = i;
+  bool any = false;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    // A candidate cuBLASLt refuses to run for these operands is passed over, not an error.
+    if (enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) != CUBLAS_STATUS_SUCCESS) continue;
+    TPEXT_CUDA_CHECK(cudaEventRecord(events.start, stream));
+    bool ran = true;
+    for (int r = 0; r < kTimedRuns && ran; ++r)
+      ran = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
+    TPEXT_CUDA_CHECK(cudaEventRecord(events.stop, stream));
+    TPEXT_CUDA_CHECK(cudaEventSynchronize(events.stop));
+    float ms = 0.0f;
+    TPEXT_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
+    if (ran && (!any || ms < best_ms)) {
+      best_ms = ms;
+      best = i;
+      any = true;
+    }
   }
   chosen_ = best;  // the heuristic's first choice when no candidate could be timed
   tuned_ = true;
