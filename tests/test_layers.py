@@ -459,36 +459,31 @@ def test_from_linear_copies_the_weights(single):
     assert all(torch.equal(a, b) for a, b in zip(after, before)), "from_linear must copy, not alias, the full weights"
 
 
-def test_overlap_sms_is_validated_and_kept():
-    """tpext.set_overlap_sms: a process-wide tuning knob (tpext/tuning.py); bad values name the
-    argument and change nothing."""
-    assert tpext.overlap_sms() == 0, "the default leaves the GEMMs' SM count to cuBLASLt"
-    try:
-        with pytest.raises(ValueError, match=r"\bsms\b.*>= 0"):
-            tpext.set_overlap_sms(-1)
-        for bad in (1.5, "16", True):
-            with pytest.raises(TypeError, match=r"\bsms\b"):
-                tpext.set_overlap_sms(bad)
-        assert tpext.overlap_sms() == 0
-        tpext.set_overlap_sms(16)
-        assert tpext.overlap_sms() == 16
-    finally:
-        tpext.set_overlap_sms(0)
+# The process-wide tuning knobs (tpext/tuning.py): each off (0) by default; bad values name the
+# argument and change nothing. Per knob: setter, getter, why the default is 0, out-of-range values
+# with the ValueError they raise, wrongly typed values with the TypeError, a good value.
+TUNING_KNOBS = {
+    "overlap_sms": (tpext.set_overlap_sms, tpext.overlap_sms, "the default leaves the GEMMs' SM count to cuBLASLt",
+                    (-1,), r"\bsms\b.*>= 0", (1.5, "16", True), r"\bsms\b", 16),
+    # Off by default: results stay bitwise reproducible across runs.
+    "gemm_autotune": (tpext.set_gemm_autotune, tpext.gemm_autotune, "autotuning must be opt-in",
+                      (-1, 17), r"\bcandidates\b.*0 \(off\) to 16", (2.0, "8", True), r"\bcandidates\b", 8),
+}
 
 
-def test_gemm_autotune_is_validated_and_kept():
-    """tpext.set_gemm_autotune: off by default (results stay bitwise reproducible across runs);
-    bad counts name the argument and change nothing."""
-    assert tpext.gemm_autotune() == 0, "autotuning must be opt-in"
+@pytest.mark.parametrize("knob", sorted(TUNING_KNOBS))
+def test_tuning_knob_is_validated_and_kept(knob):
+    set_knob, get_knob, why_off, out_of_range, range_error, wrong_types, type_error, good = TUNING_KNOBS[knob]
+    assert get_knob() == 0, why_off
     try:
-        for bad in (-1, 17):
-            with pytest.raises(ValueError, match=r"\bcandidates\b.*0 \(off\) to 16"):
-                tpext.set_gemm_autotune(bad)
-        for bad in (2.0, "8", True):
-            with pytest.raises(TypeError, match=r"\bcandidates\b"):
-                tpext.set_gemm_autotune(bad)
-        assert tpext.gemm_autotune() == 0
-        tpext.set_gemm_autotune(8)
-        assert tpext.gemm_autotune() == 8
+        for bad in out_of_range:
+            with pytest.raises(ValueError, match=range_error):
+                set_knob(bad)
+        for bad in wrong_types:
+            with pytest.raises(TypeError, match=type_error):
+                set_knob(bad)
+        assert get_knob() == 0
+        set_knob(good)
+        assert get_knob() == good
     finally:
-        tpext.set_gemm_autotune(0)
+        set_knob(0)

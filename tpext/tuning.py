@@ -33,12 +33,17 @@ tell the candidates apart: not yet worth turning on for those sizes.
 from . import _C
 
 
+def _int_arg(what: str, name: str, value) -> int:
+    """The type check of the setters below; the range is the C++ setter's to check."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what}: {name}: expected an int, got {type(value).__name__}")
+    return value
+
+
 def set_overlap_sms(sms: int) -> None:
     """SMs the GEMMs that run beside a collective leave free for it (0: cuBLASLt's choice). Each
     op checks it against its device's SM count."""
-    if isinstance(sms, bool) or not isinstance(sms, int):
-        raise TypeError(f"set_overlap_sms: sms: expected an int, got {type(sms).__name__}")
-    _C.set_overlap_sms(sms)  # a negative count raises ValueError there
+    _C.set_overlap_sms(_int_arg("set_overlap_sms", "sms", sms))  # a negative count raises ValueError there
 
 
 def overlap_sms() -> int:
@@ -47,11 +52,10 @@ def overlap_sms() -> int:
 
 
 def set_gemm_autotune(candidates: int) -> None:
-    """How many of cuBLASLt's best algorithms to time per GEMM problem (0 or 1: off, up to 16).
-    Plans made under another setting stay cached beside the new ones."""
-    if isinstance(candidates, bool) or not isinstance(candidates, int):
-        raise TypeError(f"set_gemm_autotune: candidates: expected an int, got {type(candidates).__name__}")
-    _C.set_gemm_autotune(candidates)  # outside [0, 16] raises ValueError there
+    """How many of cuBLASLt's best algorithms to time per GEMM problem (0 or 1: off, up to 16; the
+    C++ setter raises ValueError outside that). Plans made under another setting stay cached beside
+    the new ones."""
+    _C.set_gemm_autotune(_int_arg("set_gemm_autotune", "candidates", candidates))
 
 
 def gemm_autotune() -> int:
