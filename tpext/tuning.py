@@ -22,8 +22,9 @@ GEMM autotuning: cuBLASLt's heuristic ranks its algorithms by a model, and its f
 always the fastest one (bench/gemm_compare.py found tpext's bias+GELU+aux GEMM 3-8 % behind torch's
 GEMM + GELU at some sizes). With set_gemm_autotune(n), the first call of each distinct GEMM problem
 (shapes, layouts, dtype, epilogue, alignment) outside CUDA-graph capture times the heuristic's best
-n algorithms on its own operands and keeps the fastest for every later call; under capture the first
-choice runs and the next eager call tunes. The price: one host wait per new problem, and the choice
+n algorithms on its own operands and keeps the fastest for every later call (the heuristic's first
+choice unless another is at least 3 % faster); under capture the first choice runs and the next
+eager call tunes. The price: one host wait per new problem, and the choice
 may differ between processes and ranks, so results stop being bitwise reproducible across runs
 (rounding differs between algorithms). Off (0) by default for that reason; GEMMs that accumulate
 into their output are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 5-10 % faster

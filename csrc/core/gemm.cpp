@@ -59,7 +59,8 @@ void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
   int device = -1;
   check_cuda_for(cudaGetDevice(&device), "cudaGetDevice", d);
   // One candidate is no tuning: the same plan as with autotuning off.
-  const int autotune = g_autotune.load(std::memory_order_relaxed) > 1 ? g_autotune.load(std::memory_order_relaxed) : 0;
+  const int requested = g_autotune.load(std::memory_order_relaxed);  // read once: a concurrent set must not split the key
+  const int autotune = requested > 1 ? requested : 0;
   const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes, autotune);
   std::shared_ptr<MatmulPlan> plan = find_plan(key);
   if (!plan) {
@@ -68,8 +69,7 @@ void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
     plan = insert_plan(key, std::make_shared<MatmulPlan>(cublaslt_handle(device), d, ptrs,
                                                          workspace_bytes, autotune));
   }
-  if (autotune > 1 && !plan->tuned()) plan->tune(ptrs, workspace, workspace_bytes, stream);
-  plan->run(ptrs, workspace, workspace_bytes, stream);
+  plan->run(ptrs, workspace, workspace_bytes, stream);  // tunes first when this plan has candidates and is untuned
 }
 
 size_t matmul_workspace_bytes(int compute_capability_major) {

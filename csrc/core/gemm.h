@@ -95,8 +95,9 @@ size_t matmul_cache_size();
 
 // Autotuning, process-wide, off by default. With `candidates` = n >= 2, the first call of each
 // distinct GEMM that runs outside CUDA-graph capture asks the heuristic for its best n algorithms,
-// times each on that call's own operands (one warm-up and three timed runs, CUDA events, one host
-// wait) and keeps the fastest for every later call of the same problem. The heuristic's first
+// times each on that call's own operands (a warm-up, then three rounds of two runs, each
+// algorithm's best round; CUDA events, host waits) and keeps the fastest for every later call of
+// the same problem, the heuristic's first choice unless another is at least 3 % faster. The heuristic's first
 // choice is not always the fastest (bench/gemm_compare.py: tpext's bias+GELU+aux GEMM 3-8 %
 // behind torch's GEMM + GELU at some sizes). Costs: the host wait once per problem, and the choice
 // can differ between runs and ranks, so results are no longer bitwise reproducible across

@@ -36,31 +36,31 @@ class MatmulPlan {
  public:
   // `desc` has resolved leading dimensions and has been validated, with m, n, k > 0. `ptrs` are
   // the first call's: the heuristic reads the alignment of every pointer, bias and aux included.
-  // `candidates` > 1 keeps that many of the heuristic's algorithms for tune() to choose from.
+  // `candidates` > 1 keeps that many of the heuristic's algorithms for run() to choose from.
   MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
              size_t workspace_bytes, int candidates = 1);
   MatmulPlan(const MatmulPlan&) = delete;
   MatmulPlan& operator=(const MatmulPlan&) = delete;
 
   // Enqueues the GEMM on `stream` with this call's pointers (same alignment classes as the
-  // first call's, which the cache key guarantees). Safe to call from several threads.
+  // first call's, which the cache key guarantees). Safe to call from several threads. A plan with
+  // several candidates that is not tuned yet first times them on this call's operands and keeps
+  // the fastest (see set_matmul_autotune), waiting on the host for the timing; not while `stream`
+  // is being captured into a CUDA graph (the first choice runs, the next eager call tunes). The
+  // timed runs write D, aux and bgrad, which the chosen algorithm's run then writes again.
   void run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
            cudaStream_t stream);
 
-  // Times every candidate algorithm on this call's operands on `stream` and keeps the fastest
-  // (see set_matmul_autotune); waits on the host for the timing. Does nothing once tuned, with a
-  // single candidate, or while `stream` is being captured into a CUDA graph (the next eager call
-  // tunes). The timed runs write D, aux and bgrad; the caller's run() afterwards writes them
-  // again with the chosen algorithm.
-  void tune(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes, cudaStream_t stream);
   bool tuned() const;
-  // How many algorithms the heuristic offered for tune() (1 when not autotuning).
+  // How many algorithms the heuristic offered to choose from (1 when not autotuning).
   size_t candidate_count() const { return candidates_.size(); }
   // Index into those of the algorithm run() uses: 0 (the heuristic's first choice) until tuned.
   size_t chosen() const;
 
  private:
   void set_epilogue_pointers(const MatmulPointers& ptrs);
+  // Times the candidates and sets chosen_ and tuned_ (see run); the caller holds mu_.
+  void tune_locked(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes, cudaStream_t stream);
   // One cublasLtMatmul with `algo`; the caller holds mu_.
   cublasStatus_t enqueue(const cublasLtMatmulAlgo_t& algo, const MatmulPointers& ptrs, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);

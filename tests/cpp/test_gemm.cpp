@@ -1314,7 +1314,9 @@ TEST(GemmGpu, AutotuneWaitsForAnEagerCall) {
   run_case(c, env.stream.get(), env.workspace.get(), env.workspace_bytes, /*in_graph=*/true);
   const auto plan = find_plan(key);
   ASSERT_NE(plan, nullptr);
-  if (plan->candidate_count() > 1) EXPECT_FALSE(plan->tuned()) << "timed inside a capture";
+  if (plan->candidate_count() > 1) {
+    EXPECT_FALSE(plan->tuned()) << "timed inside a capture";
+  }
   EXPECT_EQ(plan->chosen(), 0u);
   Case again = c;
   again.seed = 40010;
