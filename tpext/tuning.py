@@ -8,9 +8,11 @@ Overlap: the row-parallel forward runs the GEMM of piece i+1 (rows or column blo
 is all-reduced, and the column-parallel backward runs the weight-gradient GEMM while the input
 gradient is all-reduced. cuBLASLt's Hopper GEMMs are persistent (one CTA per SM for the whole
 GEMM), so a collective beside one gets no SM of its own: it squeezes in beside the GEMM's CTAs and
-crawls (bench/corun_probe.py: the pair took 1.16-1.40 x the two in series). With
+crawls (bench/corun_probe.py on one H100: the pair took 1.19-1.44 x the two in series). With
 set_overlap_sms(n), only those GEMMs are sized for n fewer SMs (cuBLASLt's SM count target),
-leaving room for NCCL's kernel; pair it with NCCL's own CTA limit, tpext.init(nccl_max_ctas=n)
+leaving room for NCCL's kernel (the same probe: a side kernel of n CTAs then runs wholly under the
+GEMM, the pair taking 0.75 x the series at n = 8 and 0.88 x at 16, while the GEMM itself is 9-12 %
+slower); pair it with NCCL's own CTA limit, tpext.init(nccl_max_ctas=n)
 (or NCCL_MAX_CTAS=n in the environment, which caps every NCCL user of the process), so that NCCL
 asks for no more. 0, the default, leaves both to the libraries. Whether
 it pays depends on the sizes: bench/mlp.py --overlap-sms measures it (bench/NOTES.md).
@@ -27,9 +29,9 @@ choice unless another is at least 3 % faster); under capture the first choice ru
 eager call tunes. The price: one host wait per new problem, and the choice
 may differ between processes and ranks, so results stop being bitwise reproducible across runs
 (rounding differs between algorithms). Off (0) by default for that reason; GEMMs that accumulate
-into their output are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 5-10 % faster
-training fc1 at 512-1024 tokens, 3-4 % slower at 256, 4096 and 16384, where its short timing cannot
-tell the candidates apart: not yet worth turning on for those sizes.
+into their output are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 7-8 % faster
+training fc1 at 512-1024 tokens, 2-3 % slower at 256 tokens (fc1) and 4096-16384 (fc2), where the
+tuner's back-to-back timing disagrees with use: not yet worth turning on for those sizes.
 """
 from . import _C
 
