@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [profile] [sweep] [chunk-by] [bench-mlp]
 # (default: tests demo bench-allreduce bench-mlp). Environment:
 #   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
-#   SWEEP        overlap SM counts for `sweep` (default "0 16 32"); its best goes to bench-mlp
+#   SWEEP        overlap SM counts for `sweep` (default "0 8 16 32"); its best goes to bench-mlp
 #   MLP_ARGS     extra bench/mlp.py arguments
 #   TPEXT_COMMIT the commit the JSON records, where the copy on the box has no .git (the device
 #                tool sends the working tree only): TPEXT_COMMIT=<sha> bash scripts/gpu_session.sh ...
@@ -76,7 +76,7 @@ best=0
 ctas_arg() { if [ "$1" != 0 ]; then echo "--nccl-max-ctas $1"; fi; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
-  for c in ${SWEEP:-0 16 32}; do
+  for c in ${SWEEP:-0 8 16 32}; do
     timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
       --systems tpext,floor-ops,ar-tpext --overlap-sms "$c" $(ctas_arg "$c") --no-plots \
       --out "$OUT/sweep-sms$c.json" > "$OUT/sweep-sms$c.log" 2>&1
