@@ -128,6 +128,17 @@ def _linear(x, w, b=None, act=None):
 # -- the checks (any device) -------------------------------------------------------------------
 
 
+def check_no_grad_forward(layer, x, group, counts: dict, what: str) -> torch.Tensor:
+    """The layer under torch.no_grad() (the inference path, which skips the autograd Functions):
+    no graph recorded, the same collectives as the training forward. Returns the output."""
+    tpext.reset_stats()
+    with torch.no_grad():
+        y = layer(x)
+    assert y.grad_fn is None and not y.requires_grad, f"{what}: the no_grad forward recorded a graph"
+    assert_counts(group, counts, f"{what}: no_grad forward")
+    return y
+
+
 def check_column(group, device, tag, dtype, bias, gather_output, in_f, out_f, activation=None):
     name = f"{tag}/column/{dtype}/bias={bias}/gather={gather_output}/act={activation}/{in_f}->{out_f}"
     what = f"{name} (tp rank {group.rank} of {group.size})"
@@ -149,6 +160,8 @@ def check_column(group, device, tag, dtype, bias, gather_output, in_f, out_f, ac
     y = layer(x)
     assert_counts(group, {"all_gather": 1} if gather_output else {}, f"{what}: forward")
     assert_close_rel(y, y_ref if gather_output else my_slice(y_ref, group), dtype, f"{what}: output")
+    y_inference = check_no_grad_forward(layer, x, group, {"all_gather": 1} if gather_output else {}, what)
+    assert_close_rel(y_inference, y_ref if gather_output else my_slice(y_ref, group), dtype, f"{what}: no_grad output")
     tpext.reset_stats()
     y.backward((g_full if gather_output else my_slice(g_full, group)).to(device))
     assert_counts(group, {"all_reduce": 1}, f"{what}: backward", {"all_reduce": x.numel() * x.element_size()})
@@ -182,6 +195,10 @@ def check_row(group, device, tag, dtype, bias, input_is_parallel, in_f, out_f, c
     else:
         assert tpext.stats(group)["all_reduce"]["bytes"] == y.numel() * y.element_size(), f"{what}: forward bytes"
     assert_close_rel(y, y_ref, dtype, f"{what}: output")
+    if chunks == 0:
+        # A full input is sliced, not communicated: one all-reduce either way.
+        y_inference = check_no_grad_forward(layer, x, group, {"all_reduce": 1}, what)
+        assert_close_rel(y_inference, y_ref, dtype, f"{what}: no_grad output")
     tpext.reset_stats()
     y.backward(g.to(device))
     assert_counts(group, {} if input_is_parallel else {"all_gather": 1}, f"{what}: backward")

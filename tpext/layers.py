@@ -23,8 +23,9 @@ from torch import nn
 
 from .debug import CHUNK_BY
 from .groups import Group
-from .linear_functions import ColumnParallelLinearFunction, RowParallelLinearFunction, grad_will_flow, use_native
-from .mappings import _GatherFromRegion, _ScatterToRegion, resolve_group
+from .linear_functions import (ColumnParallelLinearFunction, RowParallelLinearFunction, column_parallel_forward,
+                               grad_will_flow, row_parallel_forward, use_native)
+from .mappings import _gather_along_last_dim, _GatherFromRegion, _ScatterToRegion, resolve_group
 from .partition import mark_replicated, mark_tensor_parallel, shard, split_sizes
 
 _ACTIVATIONS = (None, "gelu")
@@ -225,14 +226,17 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, input, self.weight, self.in_features, "in_features", self.group)
-        out = ColumnParallelLinearFunction.apply(input, self.weight, self.bias, self.group,
-                                                 self.activation or "none",
-                                                 use_native(input, self._every_shard_nonempty),
-                                                 not getattr(self, "disable_grad_reduce", False),
-                                                 grad_will_flow(input, self.weight, self.bias))
-        if self.gather_output:
-            out = _GatherFromRegion.apply(out, self.group, self.partition_sizes)
-        return out
+        native = use_native(input, self._every_shard_nonempty)
+        activation = self.activation or "none"
+        if grad_will_flow(input, self.weight, self.bias):
+            out = ColumnParallelLinearFunction.apply(input, self.weight, self.bias, self.group, activation, native,
+                                                     not getattr(self, "disable_grad_reduce", False), True)
+            return _GatherFromRegion.apply(out, self.group, self.partition_sizes) if self.gather_output else out
+        # Nothing to differentiate (no_grad, inference, frozen weights): the same computation
+        # without the autograd Functions' bookkeeping, and without the pre-activation the GELU
+        # backward would read.
+        out, _ = column_parallel_forward(input, self.weight, self.bias, activation, native, keep_pre=False)
+        return _gather_along_last_dim(out, self.group, self.partition_sizes) if self.gather_output else out
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation!r}" if self.activation else ""
@@ -330,8 +334,11 @@ class RowParallelLinear(nn.Module):
         else:
             _check_input(what, input, self.weight, self.in_features, "in_features, input_is_parallel=False", self.group)
             input = _ScatterToRegion.apply(input, self.group)
-        return RowParallelLinearFunction.apply(input, self.weight, self.bias, self.group, self.chunks,
-                                               use_native(input, self._every_shard_nonempty), self.chunk_by)
+        native = use_native(input, self._every_shard_nonempty)
+        if grad_will_flow(input, self.weight, self.bias):
+            return RowParallelLinearFunction.apply(input, self.weight, self.bias, self.group, self.chunks, native,
+                                                   self.chunk_by)
+        return row_parallel_forward(input, self.weight, self.bias, self.group, self.chunks, native, self.chunk_by)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (this rank: {self.input_size_per_partition}), "

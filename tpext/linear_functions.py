@@ -46,6 +46,18 @@ def _torch_weight_grads(grad, input, need_w, need_b):
     return dw, db
 
 
+def column_parallel_forward(input, weight, bias, activation, native, keep_pre=True):
+    """(output, pre-activation) of this rank's column shard: act(input W_r^T + b_r), no
+    communication. The pre-activation is what the GELU backward reads; keep_pre=False lets the
+    native GEMM skip writing it (then it comes back empty). Shared by the autograd Function and
+    the modules' forward when no gradient will flow (which skips the Function's bookkeeping, a
+    noticeable part of a small layer's host time)."""
+    if native:
+        return call_native(torch.ops.tpext.linear, input, weight, bias, activation, keep_pre)
+    pre = F.linear(input, weight, bias)
+    return (F.gelu(pre, approximate="tanh") if activation == "gelu" else pre), pre
+
+
 class ColumnParallelLinearFunction(torch.autograd.Function):
     """apply(input, weight, bias, group, activation: 'none' | 'gelu', native, reduce_grad=True,
     backward_follows=True) -> this rank's output shard. The copy-to-region crossing is fused in: the
@@ -55,11 +67,7 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, group, activation, native, reduce_grad=True, backward_follows=True):
-        if native:
-            out, pre = call_native(torch.ops.tpext.linear, input, weight, bias, activation, backward_follows)
-        else:
-            pre = F.linear(input, weight, bias)
-            out = F.gelu(pre, approximate="tanh") if activation == "gelu" else pre
+        out, pre = column_parallel_forward(input, weight, bias, activation, native, backward_follows)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.save_for_backward(input if (need_w or native) else None,
                               weight if (need_x or native) else None,
@@ -104,24 +112,29 @@ def grad_will_flow(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def row_parallel_forward(input, weight, bias, group, chunks, native, chunk_by="auto"):
+    """The full output, the same on every rank: all_reduce(input_r W_r^T) + b, the native op in
+    `chunks` pieces (rows or columns, chunk_by; 0 = automatic) that overlap the GEMMs, the
+    replicated bias added once. Shared by the autograd Function and the no-gradient forward."""
+    if native:
+        if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce outputs of one shape
+            debug.check(group, "row_parallel_linear", tuple(input.shape[:-1]) + (weight.shape[0],), input.dtype,
+                        "cuda", reduce_op="sum", dim=debug.CHUNK_BY.index(chunk_by), extra=chunks)
+        return call_native(torch.ops.tpext.row_parallel_linear, input, weight, bias, group._nccl, chunks, chunk_by)
+    out = group.all_reduce(F.linear(input, weight))
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
 class RowParallelLinearFunction(torch.autograd.Function):
     """apply(input, weight, bias, group, chunks, native, chunk_by="auto") -> the full output, the
-    same on every rank. The reduce-from-region crossing is fused in: the forward all-reduces the
-    partial products (the native op in `chunks` pieces of rows or columns, chunk_by, overlapping
-    the GEMMs; 0 = automatic), and the replicated bias is added once."""
+    same on every rank (row_parallel_forward). The reduce-from-region crossing is fused in: the
+    forward all-reduces the partial products; the backward needs no communication."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, group, chunks, native, chunk_by="auto"):
-        if native:
-            if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce outputs of one shape
-                debug.check(group, "row_parallel_linear", tuple(input.shape[:-1]) + (weight.shape[0],), input.dtype,
-                            "cuda", reduce_op="sum", dim=debug.CHUNK_BY.index(chunk_by), extra=chunks)
-            out = call_native(torch.ops.tpext.row_parallel_linear, input, weight, bias, group._nccl, chunks,
-                              chunk_by)
-        else:
-            out = group.all_reduce(F.linear(input, weight))
-            if bias is not None:
-                out.add_(bias)
+        out = row_parallel_forward(input, weight, bias, group, chunks, native, chunk_by)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.save_for_backward(input if (need_w or native) else None, weight if (need_x or native) else None)
         ctx.native = native
