@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "dtype.h"
@@ -30,7 +31,9 @@ struct Collective {
 };
 
 // Throws InvalidArgument naming the field when `c` cannot run on a communicator of `comm_size`.
-void validate(const Collective& c, int comm_size, const std::string& where);
+// `where` (the communicator's description) is called only to word a failure: this runs before
+// every collective.
+void validate(const Collective& c, int comm_size, const std::function<std::string()>& where);
 
 // Bytes this rank hands to the network layer for `c` (its input), the figure the stats report.
 size_t input_bytes(const Collective& c, int comm_size);

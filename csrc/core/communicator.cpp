@@ -508,7 +508,7 @@ void Communicator::enqueue(const Collective& c) {
 
 void Communicator::run(const Collective& c, cudaStream_t caller) {
   require_alive(collective_name(c.kind));
-  validate(c, size_, describe());  // before the fence, so bad input enqueues nothing
+  validate(c, size_, [this] { return describe(); });  // before the fence, so bad input enqueues nothing
   DeviceGuard guard(device_);
   fence_in(caller);
   enqueue(c);
@@ -543,7 +543,7 @@ void Communicator::run_grouped(const std::vector<Communicator*>& comms, const st
   for (size_t i = 0; i < comms.size(); ++i) {
     if (comms[i] == nullptr) throw_invalid_argument("comms: entry " + std::to_string(i) + " is null");
     comms[i]->require_alive(collective_name(collectives[i].kind));
-    validate(collectives[i], comms[i]->size_, comms[i]->describe());
+    validate(collectives[i], comms[i]->size_, [&] { return comms[i]->describe(); });
   }
   for (size_t i = 0; i < comms.size(); ++i) {
     DeviceGuard guard(comms[i]->device_);

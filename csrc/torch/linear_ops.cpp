@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "core/gemm.h"
 #include "core/tp_linear.h"
@@ -37,48 +38,64 @@ namespace {
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) core::throw_invalid_argument(msg);
+// The checks run on every call of every op, so a message is built only when its check fails
+// (formatting devices, shapes and strides up front cost a few microseconds per call).
+template <typename Message>
+void require(bool ok, Message&& message) {
+  if (!ok) core::throw_invalid_argument(std::forward<Message>(message)());
 }
+
+std::string where(const char* op, const char* arg) { return std::string(op) + ": " + arg + ": "; }
 
 std::string dev(const at::Tensor& t) { return t.device().str(); }
 
 void check_operand(const at::Tensor& t, const char* op, const char* arg, const at::Tensor& ref, int64_t dims) {
-  const std::string where = std::string(op) + ": " + arg + ": ";
-  require(t.defined(), where + "expected a tensor, got None");
-  require(t.is_cuda(), where + "expected a CUDA tensor, got one on " + dev(t));
-  require(t.device() == ref.device(), where + "expected a tensor on " + dev(ref) + " (where input is), got " + dev(t));
-  require(t.scalar_type() == ref.scalar_type(), where + "expected dtype " + std::string(c10::toString(ref.scalar_type())) +
-                                                    " (the dtype of input), got " + c10::toString(t.scalar_type()));
+  require(t.defined(), [&] { return where(op, arg) + "expected a tensor, got None"; });
+  require(t.is_cuda(), [&] { return where(op, arg) + "expected a CUDA tensor, got one on " + dev(t); });
+  require(t.device() == ref.device(),
+          [&] { return where(op, arg) + "expected a tensor on " + dev(ref) + " (where input is), got " + dev(t); });
+  require(t.scalar_type() == ref.scalar_type(), [&] {
+    return where(op, arg) + "expected dtype " + std::string(c10::toString(ref.scalar_type())) +
+           " (the dtype of input), got " + c10::toString(t.scalar_type());
+  });
   if (dims > 0)
-    require(t.dim() == dims, where + "expected a " + std::to_string(dims) + "-d tensor, got shape " + c10::str(t.sizes()));
-  require(t.is_contiguous(), where + "expected a contiguous tensor, got strides " + c10::str(t.strides()) +
-                                 " for sizes " + c10::str(t.sizes()) + "; call .contiguous() first");
+    require(t.dim() == dims, [&] {
+      return where(op, arg) + "expected a " + std::to_string(dims) + "-d tensor, got shape " + c10::str(t.sizes());
+    });
+  require(t.is_contiguous(), [&] {
+    return where(op, arg) + "expected a contiguous tensor, got strides " + c10::str(t.strides()) + " for sizes " +
+           c10::str(t.sizes()) + "; call .contiguous() first";
+  });
 }
 
 core::DataType gemm_dtype(const at::Tensor& input, const char* op) {
   const auto t = input.scalar_type();
-  require(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
-          std::string(op) + ": input: expected dtype float32, bfloat16 or float16, got " + c10::toString(t));
+  require(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, [&] {
+    return where(op, "input") + "expected dtype float32, bfloat16 or float16, got " + c10::toString(t);
+  });
   return to_core_dtype(t, op, "input");
 }
 
 // input [..., K] and weight [N, K]; returns (M, N, K).
 std::tuple<int64_t, int64_t, int64_t> check_linear(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias) {
-  require(input.defined() && input.is_cuda(),
-          std::string(op) + ": input: expected a CUDA tensor, got " + (input.defined() ? "one on " + dev(input) : "None"));
-  require(input.dim() >= 1, std::string(op) + ": input: expected at least 1 dimension, got a scalar");
+  require(input.defined() && input.is_cuda(), [&] {
+    return where(op, "input") + "expected a CUDA tensor, got " + (input.defined() ? "one on " + dev(input) : "None");
+  });
+  require(input.dim() >= 1, [&] { return where(op, "input") + "expected at least 1 dimension, got a scalar"; });
   check_operand(input, op, "input", input, 0);
   (void)gemm_dtype(input, op);
   check_operand(weight, op, "weight", input, 2);
-  require(input.size(-1) == weight.size(1), std::string(op) + ": input: expected last dimension " +
-                                                std::to_string(weight.size(1)) + " (weight.shape[1], the in_features of this shard), got shape " +
-                                                c10::str(input.sizes()));
+  require(input.size(-1) == weight.size(1), [&] {
+    return where(op, "input") + "expected last dimension " + std::to_string(weight.size(1)) +
+           " (weight.shape[1], the in_features of this shard), got shape " + c10::str(input.sizes());
+  });
   if (bias.has_value() && bias->defined()) {
     check_operand(*bias, op, "bias", input, 1);
-    require(bias->size(0) == weight.size(0), std::string(op) + ": bias: expected " + std::to_string(weight.size(0)) +
-                                                 " elements (weight.shape[0]), got " + std::to_string(bias->size(0)));
+    require(bias->size(0) == weight.size(0), [&] {
+      return where(op, "bias") + "expected " + std::to_string(weight.size(0)) + " elements (weight.shape[0]), got " +
+             std::to_string(bias->size(0));
+    });
   }
   const int64_t k = weight.size(1);
   const int64_t m = k == 0 ? input.numel() / std::max<int64_t>(input.size(-1), 1) : input.numel() / k;
@@ -101,9 +118,10 @@ core::Workspace workspace_for(const at::Tensor& like, at::Tensor& holder) {
 cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
 void check_comm_device(const core::Communicator& comm, const at::Tensor& input, const char* op) {
-  require(input.get_device() == comm.device(), std::string(op) + ": input: expected a tensor on cuda:" +
-                                                   std::to_string(comm.device()) + " (the device of " + comm.describe() +
-                                                   "), got one on " + dev(input));
+  require(input.get_device() == comm.device(), [&] {
+    return where(op, "input") + "expected a tensor on cuda:" + std::to_string(comm.device()) + " (the device of " +
+           comm.describe() + "), got one on " + dev(input);
+  });
 }
 
 // Column-parallel forward: out = act(input · weight^T + bias), no communication. With GELU, `pre`
@@ -115,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
   at::Tensor out, pre;
   TPEXT_TRANSLATE_ERRORS({
     require(activation == "none" || activation == "gelu",
-            "linear: activation: expected 'none' or 'gelu', got '" + activation + "'");
+            [&] { return "linear: activation: expected 'none' or 'gelu', got '" + activation + "'"; });
     auto [m, n, k] = check_linear("linear", input, weight, bias);
     c10::cuda::CUDAGuard guard(input.device());
     const bool has_bias = bias.has_value() && bias->defined();
@@ -163,8 +181,12 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   check_operand(grad_out, op, "grad_out", input, 0);
   require(grad_out.dim() == input.dim() && grad_out.sizes().slice(0, grad_out.dim() - 1) == input.sizes().slice(0, input.dim() - 1) &&
               grad_out.size(-1) == n,
-          std::string(op) + ": grad_out: expected shape " + c10::str(with_last(input, n)) + ", got " + c10::str(grad_out.sizes()));
-  require(!bias_grad || need_weight_grad, std::string(op) + ": bias_grad: needs need_weight_grad (db is computed by the wgrad GEMM)");
+          [&, n = n] {
+            return where(op, "grad_out") + "expected shape " + c10::str(with_last(input, n)) + ", got " +
+                   c10::str(grad_out.sizes());
+          });
+  require(!bias_grad || need_weight_grad,
+          [&] { return where(op, "bias_grad") + "needs need_weight_grad (db is computed by the wgrad GEMM)"; });
   if (comm != nullptr) check_comm_device(*comm, input, op);
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor dx = need_input_grad ? at::empty_like(input) : at::empty({0}, input.options());
@@ -227,7 +249,8 @@ at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& w
     auto comm = lookup_communicator(handle, "row_parallel_linear");
     auto [m, n, k] = check_linear("row_parallel_linear", input, weight, bias);
     check_comm_device(*comm, input, "row_parallel_linear");
-    require(chunks >= 0, "row_parallel_linear: chunks: expected >= 0 (0 = automatic), got " + std::to_string(chunks));
+    require(chunks >= 0,
+            [&] { return "row_parallel_linear: chunks: expected >= 0 (0 = automatic), got " + std::to_string(chunks); });
     const core::PieceAxis axis = piece_axis(chunk_by);
     c10::cuda::CUDAGuard guard(input.device());
     out = at::empty(with_last(input, n), input.options());

@@ -24,16 +24,17 @@ core::DataType to_core_dtype(at::ScalarType t, const char* op, const char* arg) 
 }
 
 void check_collective_tensor(const at::Tensor& t, const core::Communicator& comm, const char* op, const char* arg) {
-  const std::string where = std::string(op) + ": " + arg + ": ";
-  if (!t.defined()) core::throw_invalid_argument(where + "expected a tensor, got an undefined one");
+  // Built only on a failure: this runs on every collective call.
+  auto where = [&] { return std::string(op) + ": " + arg + ": "; };
+  if (!t.defined()) core::throw_invalid_argument(where() + "expected a tensor, got an undefined one");
   if (!t.is_cuda())
-    core::throw_invalid_argument(where + "expected a CUDA tensor on cuda:" + std::to_string(comm.device()) +
+    core::throw_invalid_argument(where() + "expected a CUDA tensor on cuda:" + std::to_string(comm.device()) +
                                  " (the device of " + comm.describe() + "), got a tensor on " + t.device().str());
   if (t.get_device() != comm.device())
-    core::throw_invalid_argument(where + "expected a tensor on cuda:" + std::to_string(comm.device()) + " (the device of " +
+    core::throw_invalid_argument(where() + "expected a tensor on cuda:" + std::to_string(comm.device()) + " (the device of " +
                                  comm.describe() + "), got one on " + t.device().str());
   if (!t.is_contiguous())
-    core::throw_invalid_argument(where + "expected a contiguous tensor, got strides " + c10::str(t.strides()) +
+    core::throw_invalid_argument(where() + "expected a contiguous tensor, got strides " + c10::str(t.strides()) +
                                  " for sizes " + c10::str(t.sizes()) + "; call .contiguous() first");
   (void)to_core_dtype(t.scalar_type(), op, arg);
 }

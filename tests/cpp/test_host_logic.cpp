@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -42,6 +43,11 @@ std::string invalid_argument_message(F&& f) {
   }
   ADD_FAILURE() << "expected InvalidArgument, nothing was thrown";
   return {};
+}
+
+// The communicator description validate() words its failures with.
+std::function<std::string()> named(const char* where) {
+  return [where] { return std::string(where); };
 }
 
 // Plausible device addresses; validation never dereferences them.
@@ -186,7 +192,23 @@ TEST(CollectiveNames, MatchTheTorchOpNames) {
 TEST(CollectiveValidate, AcceptsEveryKindDtypeAndSize) {
   for (CollectiveKind kind : kAllKinds)
     for (DataType dt : kAllDtypes)
-      for (int size : {1, 2, 3, 8}) EXPECT_NO_THROW(validate(valid(kind, dt), size, "test")) << collective_name(kind);
+      for (int size : {1, 2, 3, 8}) EXPECT_NO_THROW(validate(valid(kind, dt), size, named("test"))) << collective_name(kind);
+}
+
+TEST(CollectiveValidate, DescribesTheCommunicatorOnlyOnAFailure) {
+  // validate() runs before every collective; formatting the description each time cost host time.
+  int described = 0;
+  const auto count_calls = [&] {
+    ++described;
+    return std::string("communicator 'tp'");
+  };
+  for (CollectiveKind kind : kAllKinds) EXPECT_NO_THROW(validate(valid(kind, DataType::kBFloat16), 2, count_calls));
+  EXPECT_EQ(described, 0) << "a valid collective formatted the communicator's description";
+  Collective no_send = valid(CollectiveKind::kAllReduce, DataType::kFloat32);
+  no_send.send = nullptr;
+  EXPECT_NE(invalid_argument_message([&] { validate(no_send, 2, count_calls); }).find("communicator 'tp'"),
+            std::string::npos);
+  EXPECT_EQ(described, 1);
 }
 
 TEST(CollectiveValidate, EmptyCollectiveMayHaveNullPointers) {
@@ -196,7 +218,7 @@ TEST(CollectiveValidate, EmptyCollectiveMayHaveNullPointers) {
     Collective c = valid(kind, DataType::kFloat32, 0);
     c.send = nullptr;
     c.recv = nullptr;
-    EXPECT_NO_THROW(validate(c, 2, "test")) << collective_name(kind);
+    EXPECT_NO_THROW(validate(c, 2, named("test"))) << collective_name(kind);
   }
 }
 
@@ -204,13 +226,13 @@ TEST(CollectiveValidate, NullPointersAreRejectedNamingTheBufferAndTheCall) {
   for (CollectiveKind kind : kAllKinds) {
     Collective no_send = valid(kind);
     no_send.send = nullptr;
-    std::string msg = invalid_argument_message([&] { validate(no_send, 2, "communicator 'tp'"); });
+    std::string msg = invalid_argument_message([&] { validate(no_send, 2, named("communicator 'tp'")); });
     EXPECT_NE(msg.find(std::string(collective_name(kind)) + " on communicator 'tp'"), std::string::npos) << msg;
     EXPECT_NE(msg.find("send: expected a device pointer"), std::string::npos) << msg;
 
     Collective no_recv = valid(kind);
     no_recv.recv = nullptr;
-    msg = invalid_argument_message([&] { validate(no_recv, 2, "communicator 'tp'"); });
+    msg = invalid_argument_message([&] { validate(no_recv, 2, named("communicator 'tp'")); });
     EXPECT_NE(msg.find("recv: expected a device pointer"), std::string::npos) << msg;
   }
 }
@@ -220,12 +242,12 @@ TEST(CollectiveValidate, BroadcastRootMustBeARank) {
     for (int root = 0; root < size; ++root) {
       Collective c = valid(CollectiveKind::kBroadcast);
       c.root = root;
-      EXPECT_NO_THROW(validate(c, size, "test")) << "root " << root << " of " << size;
+      EXPECT_NO_THROW(validate(c, size, named("test"))) << "root " << root << " of " << size;
     }
     for (int root : {-1, size, size + 7, std::numeric_limits<int>::min()}) {
       Collective c = valid(CollectiveKind::kBroadcast);
       c.root = root;
-      const std::string msg = invalid_argument_message([&] { validate(c, size, "test"); });
+      const std::string msg = invalid_argument_message([&] { validate(c, size, named("test")); });
       EXPECT_NE(msg.find("root: expected a rank in [0, " + std::to_string(size) + "), got " + std::to_string(root)),
                 std::string::npos)
           << msg;
@@ -237,7 +259,7 @@ TEST(CollectiveValidate, RootIsIgnoredOutsideBroadcast) {
   for (CollectiveKind kind : {CollectiveKind::kAllReduce, CollectiveKind::kAllGather, CollectiveKind::kReduceScatter}) {
     Collective c = valid(kind);
     c.root = -3;
-    EXPECT_NO_THROW(validate(c, 2, "test")) << collective_name(kind);
+    EXPECT_NO_THROW(validate(c, 2, named("test"))) << collective_name(kind);
   }
 }
 
@@ -248,11 +270,11 @@ TEST(CollectiveValidate, AvgOnIntegersIsRejectedOnlyWhereTheOpIsUsed) {
       c.op = ReduceOp::kAvg;
       const bool reduces = kind == CollectiveKind::kAllReduce || kind == CollectiveKind::kReduceScatter;
       if (reduces) {
-        const std::string msg = invalid_argument_message([&] { validate(c, 2, "test"); });
+        const std::string msg = invalid_argument_message([&] { validate(c, 2, named("test")); });
         EXPECT_NE(msg.find("avg"), std::string::npos) << msg;
       } else {
         // all_gather and broadcast carry no op; a leftover avg must not reject them.
-        EXPECT_NO_THROW(validate(c, 2, "test")) << collective_name(kind) << " " << dtype_name(dt);
+        EXPECT_NO_THROW(validate(c, 2, named("test"))) << collective_name(kind) << " " << dtype_name(dt);
       }
     }
   }
@@ -262,7 +284,7 @@ TEST(CollectiveValidate, UnknownDtypeIsRejected) {
   for (CollectiveKind kind : kAllKinds) {
     Collective c = valid(kind);
     c.dtype = kBadDtype;
-    EXPECT_NE(invalid_argument_message([&] { validate(c, 2, "test"); }).find("dtype"), std::string::npos);
+    EXPECT_NE(invalid_argument_message([&] { validate(c, 2, named("test")); }).find("dtype"), std::string::npos);
   }
 }
 
@@ -275,10 +297,10 @@ TEST(CollectiveValidate, GatherAndScatterCountsWhoseTotalOverflowAreRejected) {
       for (int size : {1, 2, 3, 8}) {
         const size_t limit = max / element_size(dt) / static_cast<size_t>(size);
         Collective ok = valid(kind, dt, limit);
-        EXPECT_NO_THROW(validate(ok, size, "test")) << collective_name(kind) << " " << dtype_name(dt) << " x" << size;
+        EXPECT_NO_THROW(validate(ok, size, named("test"))) << collective_name(kind) << " " << dtype_name(dt) << " x" << size;
         if (limit == max) continue;  // 1-byte elements on one rank: every size_t count fits
         Collective over = valid(kind, dt, limit + 1);
-        const std::string msg = invalid_argument_message([&] { validate(over, size, "test"); });
+        const std::string msg = invalid_argument_message([&] { validate(over, size, named("test")); });
         EXPECT_NE(msg.find("count"), std::string::npos) << msg;
         EXPECT_NE(msg.find("overflows"), std::string::npos) << msg;
       }
@@ -290,8 +312,8 @@ TEST(CollectiveValidate, ReduceAndBroadcastCountsWhoseBytesOverflowAreRejected) 
   const size_t max = std::numeric_limits<size_t>::max();
   for (CollectiveKind kind : {CollectiveKind::kAllReduce, CollectiveKind::kBroadcast}) {
     const size_t limit = max / element_size(DataType::kFloat32);
-    EXPECT_NO_THROW(validate(valid(kind, DataType::kFloat32, limit), 2, "test"));
-    const std::string msg = invalid_argument_message([&] { validate(valid(kind, DataType::kFloat32, limit + 1), 2, "test"); });
+    EXPECT_NO_THROW(validate(valid(kind, DataType::kFloat32, limit), 2, named("test")));
+    const std::string msg = invalid_argument_message([&] { validate(valid(kind, DataType::kFloat32, limit + 1), 2, named("test")); });
     EXPECT_NE(msg.find("overflows"), std::string::npos) << msg;
   }
 }
@@ -299,7 +321,7 @@ TEST(CollectiveValidate, ReduceAndBroadcastCountsWhoseBytesOverflowAreRejected) 
 TEST(CollectiveValidate, NonPositiveCommunicatorSizeIsRejected) {
   for (int size : {0, -3}) {
     const std::string msg =
-        invalid_argument_message([&] { validate(valid(CollectiveKind::kAllGather, DataType::kFloat32, 4), size, "test"); });
+        invalid_argument_message([&] { validate(valid(CollectiveKind::kAllGather, DataType::kFloat32, 4), size, named("test")); });
     EXPECT_NE(msg.find("size"), std::string::npos) << msg;
   }
 }
@@ -311,7 +333,7 @@ TEST(CollectiveValidate, EmptyBroadcastStillChecksTheRoot) {
   c.send = nullptr;
   c.recv = nullptr;
   c.root = 5;
-  const std::string msg = invalid_argument_message([&] { validate(c, 2, "test"); });
+  const std::string msg = invalid_argument_message([&] { validate(c, 2, named("test")); });
   EXPECT_NE(msg.find("root"), std::string::npos) << msg;
 }
 
