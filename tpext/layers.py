@@ -72,7 +72,10 @@ def _resolve_dtype(what: str, dtype) -> torch.dtype:
     return dtype
 
 
-def _check_input(what: str, input, weight: torch.Tensor, last: int, last_means: str, group: Group) -> None:
+def _check_input(what: str, input, weight: torch.Tensor, last: int, last_means, group: Group) -> None:
+    """Raises naming the argument when `input` cannot go into a layer holding `weight`. last_means
+    says what `last` is: a string, or a function making one (formatted only on a failure: this
+    runs on every forward)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{what}: input: expected a torch.Tensor, got {type(input).__name__}")
     if input.dim() == 0:
@@ -86,6 +89,7 @@ def _check_input(what: str, input, weight: torch.Tensor, last: int, last_means: 
         raise ValueError(f"{what}: input: expected a contiguous tensor, got strides {tuple(input.stride())} for sizes "
                          f"{tuple(input.shape)}; call .contiguous() first")
     if input.shape[-1] != last:
+        last_means = last_means() if callable(last_means) else last_means
         raise ValueError(f"{what}: input: expected last dimension {last} ({last_means}), "
                          f"got shape {tuple(input.shape)}")
     if not group._alive:
@@ -225,18 +229,19 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _check_input(type(self).__name__, input, self.weight, self.in_features, "in_features", self.group)
+        weight, bias, group = self.weight, self.bias, self.group  # parameters are looked up through nn.Module
+        _check_input(type(self).__name__, input, weight, self.in_features, "in_features", group)
         native = use_native(input, self._every_shard_nonempty)
         activation = self.activation or "none"
-        if grad_will_flow(input, self.weight, self.bias):
-            out = ColumnParallelLinearFunction.apply(input, self.weight, self.bias, self.group, activation, native,
+        if grad_will_flow(input, weight, bias):
+            out = ColumnParallelLinearFunction.apply(input, weight, bias, group, activation, native,
                                                      not getattr(self, "disable_grad_reduce", False), True)
-            return _GatherFromRegion.apply(out, self.group, self.partition_sizes) if self.gather_output else out
+            return _GatherFromRegion.apply(out, group, self.partition_sizes) if self.gather_output else out
         # Nothing to differentiate (no_grad, inference, frozen weights): the same computation
         # without the autograd Functions' bookkeeping, and without the pre-activation the GELU
         # backward would read.
-        out, _ = column_parallel_forward(input, self.weight, self.bias, activation, native, keep_pre=False)
-        return _gather_along_last_dim(out, self.group, self.partition_sizes) if self.gather_output else out
+        out, _ = column_parallel_forward(input, weight, bias, activation, native, keep_pre=False)
+        return _gather_along_last_dim(out, group, self.partition_sizes) if self.gather_output else out
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation!r}" if self.activation else ""
@@ -327,18 +332,18 @@ class RowParallelLinear(nn.Module):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias, group = self.weight, self.bias, self.group  # parameters are looked up through nn.Module
         what = type(self).__name__
         if self.input_is_parallel:
-            _check_input(what, input, self.weight, self.input_size_per_partition,
-                         f"this rank's shard of in_features={self.in_features}, input_is_parallel=True", self.group)
+            _check_input(what, input, weight, self.input_size_per_partition,
+                         lambda: f"this rank's shard of in_features={self.in_features}, input_is_parallel=True", group)
         else:
-            _check_input(what, input, self.weight, self.in_features, "in_features, input_is_parallel=False", self.group)
-            input = _ScatterToRegion.apply(input, self.group)
+            _check_input(what, input, weight, self.in_features, "in_features, input_is_parallel=False", group)
+            input = _ScatterToRegion.apply(input, group)
         native = use_native(input, self._every_shard_nonempty)
-        if grad_will_flow(input, self.weight, self.bias):
-            return RowParallelLinearFunction.apply(input, self.weight, self.bias, self.group, self.chunks, native,
-                                                   self.chunk_by)
-        return row_parallel_forward(input, self.weight, self.bias, self.group, self.chunks, native, self.chunk_by)
+        if grad_will_flow(input, weight, bias):
+            return RowParallelLinearFunction.apply(input, weight, bias, group, self.chunks, native, self.chunk_by)
+        return row_parallel_forward(input, weight, bias, group, self.chunks, native, self.chunk_by)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (this rank: {self.input_size_per_partition}), "
