@@ -5,8 +5,8 @@
 At a few tokens and a small hidden size every kernel is shorter than the host work that launches
 it, so the time per call is the host's: Python, the autograd Functions, the dispatcher, the
 argument checks, the launches. That is the latency floor of small-batch inference. Timed: N calls
-back to back, host clock; per case the median of rounds, in us per call, beside the same
-computation in plain torch in the same run (tpext's TP group is one rank: its all-reduce is a
+back to back, host clock, tpext's and torch's rounds taking turns; per case the median of rounds,
+in us per call, beside the same computation in plain torch in the same run (tpext's TP group is one rank: its all-reduce is a
 copy, fenced on the comm stream as at any size). Cases: the MLP (fc1 column-parallel with GELU,
 fc2 row-parallel) forward under no_grad and forward + backward; each layer alone under no_grad;
 and the bare ops, so what the modules add is visible.
@@ -26,22 +26,31 @@ from common import metadata, write_json  # noqa: E402  (bench/common.py)
 
 import tpext  # noqa: E402
 
-ROUNDS = 5
+ROUNDS = 9
 
 
-def per_call_us(fn, calls: int) -> float:
-    """Median over rounds of the host time per call; the GPU is drained before each round."""
-    for _ in range(50):
-        fn()
-    rounds = []
-    for _ in range(ROUNDS):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns, calls: int):
+    """Host time per call of each function in `fns`: rounds of `calls` back-to-back calls, the
+    functions taking turns round by round (so a slow spell of the shared host lands on all of
+    them), the GPU drained before each round. Per function the median and the fastest round."""
+    for fn in fns:
+        for _ in range(50):
             fn()
-        rounds.append((time.perf_counter() - t) / calls * 1e6)
+    rounds = [[] for _ in fns]
+    for _ in range(ROUNDS):
+        for fn, times in zip(fns, rounds):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t) / calls * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(rounds)
+    return [(statistics.median(t), min(t)) for t in rounds]
+
+
+def result_row(m: int, case: str, tp, ref) -> dict:
+    return {"M": m, "case": case, "tpext_us": round(tp[0], 2), "torch_us": round(ref[0], 2),
+            "ratio": round(tp[0] / ref[0], 3), "tpext_fastest_us": round(tp[1], 2), "torch_fastest_us": round(ref[1], 2)}
 
 
 def main():
@@ -49,7 +58,7 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=4096)
     p.add_argument("-M", "--tokens", default="1,16")
-    p.add_argument("--calls", type=int, default=2000, help="calls per round (fwd+bwd: half)")
+    p.add_argument("--calls", type=int, default=1000, help="calls per round (fwd+bwd: a quarter)")
     p.add_argument("--out", default=None, help="JSON file for every case (default: none)")
     args = p.parse_args()
     group = tpext.init()
@@ -81,17 +90,15 @@ def main():
         }
         for name, (tp_fn, torch_fn) in pairs.items():
             with torch.no_grad():
-                t_tp, t_torch = per_call_us(tp_fn, args.calls), per_call_us(torch_fn, args.calls)
-            rows.append({"M": m, "case": name, "tpext_us": round(t_tp, 2), "torch_us": round(t_torch, 2),
-                         "ratio": round(t_tp / t_torch, 3)})
+                rows.append(result_row(m, name, *per_call_us([tp_fn, torch_fn], args.calls)))
         tp_params, ref_params = [xg] + list(mlp.parameters()), [xg] + list(ref.parameters())
-        t_tp = per_call_us(lambda: torch.autograd.grad(mlp(xg), tp_params, g), args.calls // 2)
-        t_torch = per_call_us(lambda: torch.autograd.grad(ref(xg), ref_params, g), args.calls // 2)
-        rows.append({"M": m, "case": "mlp fwd+bwd", "tpext_us": round(t_tp, 2), "torch_us": round(t_torch, 2),
-                     "ratio": round(t_tp / t_torch, 3)})
-    print(f"{'M':>4} {'case':<24} {'tpext':>8} {'torch':>8} {'ratio':>6}")
+        rows.append(result_row(m, "mlp fwd+bwd", *per_call_us([lambda: torch.autograd.grad(mlp(xg), tp_params, g),
+                                                               lambda: torch.autograd.grad(ref(xg), ref_params, g)],
+                                                              args.calls // 4)))
+    print(f"{'M':>4} {'case':<24} {'tpext':>8} {'torch':>8} {'ratio':>6}  (fastest rounds: tpext, torch)")
     for r in rows:
-        print(f"{r['M']:>4} {r['case']:<24} {r['tpext_us']:>8.1f} {r['torch_us']:>8.1f} {r['ratio']:>6.3f}")
+        print(f"{r['M']:>4} {r['case']:<24} {r['tpext_us']:>8.1f} {r['torch_us']:>8.1f} {r['ratio']:>6.3f}  "
+              f"({r['tpext_fastest_us']:.1f}, {r['torch_fastest_us']:.1f})")
     if args.out:
         meta = metadata("host_overhead", dev)
         meta.update(shapes={"hidden": h, "ffn": ff, "dtype": "bfloat16"}, calls=args.calls, rounds=ROUNDS)
