@@ -290,6 +290,14 @@ def _grown_mappings(before, after, min_kb=2048):
     return {k: d for k, d in sorted(grown.items(), key=lambda kv: -abs(kv[1])) if abs(d) >= min_kb}
 
 
+def steady_from(cycles, warmup):
+    """The cycle from which host memory must stay flat: the middle of the run, and never before the
+    warm-up. glibc's malloc arenas grow in steps to a high-water mark over the first cycles (seen on
+    2 H200s: rank 0 +27 MB three times by cycle 10 of 25, then flat for 15, rank 1 flat throughout)
+    and keep it; a leak instead grows every cycle, so it shows in the second half as well."""
+    return max(warmup, cycles // 2)
+
+
 def cycles_body(cycles, backend, warmup=3):
     rank, world = _rank()
     seen, rss_trace = {}, []
@@ -308,7 +316,7 @@ def cycles_body(cycles, backend, warmup=3):
         assert tpext._C.live_handles() == [], f"cycle {i}: communicators left after destroy: {tpext._C.live_handles()}"
         assert not torch.distributed.is_initialized(), f"cycle {i}: a process group was left after destroy"
         rss_trace.append(round(_rss_mb()))
-        if i in (warmup, cycles):
+        if i in (warmup, steady_from(cycles, warmup), cycles):
             mem = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device.type == "cuda" else None
             seen[i] = {"fds": _fds(), "threads": threading.active_count(),
                        "os_threads": len(os.listdir("/proc/self/task")), "rss_mb": _rss_mb(), "cuda": mem,
@@ -319,25 +327,47 @@ def cycles_body(cycles, backend, warmup=3):
 def check_cycles(results, cycles, label, rss_slack_mb):
     """File descriptors and threads: no more after the last cycle than after the warm-up (one
     fewer was seen in CI: something from before the warm-up closing late, which is no leak; a leak
-    of even one per cycle would show as tens more). CUDA memory: exactly flat. Host memory (RSS):
-    within the slack; a failure names the mappings that grew."""
+    of even one per cycle would show as tens more). CUDA memory: exactly flat from the warm-up.
+    Host memory (RSS): within the slack over the second half of the cycles (steady_from); a failure
+    names the mappings that grew."""
     grown = []
     for rank, r in enumerate(results):
-        a, b = r["seen"][r["warmup"]], r["seen"][cycles]
+        mid = steady_from(cycles, r["warmup"])
+        a, m, b = r["seen"][r["warmup"]], r["seen"][mid], r["seen"][cycles]
         print(f"\n[init/destroy, {label}] rank {rank}: {cycles} cycles in {r['seconds']:.1f} s; after cycle "
               f"{r['warmup']} -> {cycles}: fds {a['fds']} -> {b['fds']}, OS threads {a['os_threads']} -> "
-              f"{b['os_threads']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB, CUDA {a['cuda']} -> {b['cuda']}; "
-              f"RSS (MB) after each destroy: {r['rss_trace']}; mappings that grew (kB): "
-              f"{_grown_mappings(a['maps'], b['maps'])}")
+              f"{b['os_threads']}, CUDA {a['cuda']} -> {b['cuda']}, RSS {a['rss_mb']:.1f} -> {b['rss_mb']:.1f} MB "
+              f"({m['rss_mb']:.1f} MB after cycle {mid}); RSS (MB) after each destroy: {r['rss_trace']}; "
+              f"mappings that grew from cycle {mid} (kB): {_grown_mappings(m['maps'], b['maps'])}")
         assert b["fds"] <= a["fds"], f"rank {rank}: file descriptors leaked: {a['fds']} -> {b['fds']}"
         assert b["os_threads"] <= a["os_threads"], \
             f"rank {rank}: threads leaked: {a['os_threads']} -> {b['os_threads']}"
         assert b["cuda"] == a["cuda"], f"rank {rank}: CUDA memory grew: {a['cuda']} -> {b['cuda']}"
-        if b["rss_mb"] - a["rss_mb"] >= rss_slack_mb:
-            grown.append(f"rank {rank}: RSS +{b['rss_mb'] - a['rss_mb']:.1f} MB over {cycles - r['warmup']} cycles; "
-                         f"mappings that grew (kB): {_grown_mappings(a['maps'], b['maps'])}")
+        if b["rss_mb"] - m["rss_mb"] >= rss_slack_mb:
+            grown.append(f"rank {rank}: RSS +{b['rss_mb'] - m['rss_mb']:.1f} MB over cycles {mid} -> {cycles}; "
+                         f"mappings that grew (kB): {_grown_mappings(m['maps'], b['maps'])}")
     if grown:
         raise AssertionError("; ".join(grown))
+
+
+def _synthetic_cycles(rss_trace, warmup=5):
+    """check_cycles' input for one rank whose RSS after each destroy is rss_trace (MB)."""
+    cycles = len(rss_trace)
+    snap = lambda i: {"fds": 40, "threads": 3, "os_threads": 9, "cuda": (0, 0), "rss_mb": rss_trace[i - 1],
+                      "maps": {"anon rw-p 64 MB": int(rss_trace[i - 1] * 1024)}}
+    seen = {i: snap(i) for i in (warmup, steady_from(cycles, warmup), cycles)}
+    return [{"seen": seen, "seconds": 1.0, "warmup": warmup, "rss_trace": rss_trace}], cycles
+
+
+def test_cycle_check_tells_an_arena_high_water_mark_from_a_leak():
+    # Rank 0 of the 2-GPU run: three ~27 MB steps by cycle 10 of 25, then flat. Not a leak.
+    steps, _ = _synthetic_cycles([976.0] * 6 + [1003.0, 1007.0, 1007.0, 1034.0] + [1034.0] * 15)
+    check_cycles(steps, 25, "synthetic arena steps", rss_slack_mb=16.0)
+    # 1.5 MB more every cycle: 19 MB over the second half of 25 cycles, 75 MB over 100.
+    for cycles in (25, 100):
+        leak, _ = _synthetic_cycles([976.0 + 1.5 * i for i in range(1, cycles + 1)])
+        with pytest.raises(AssertionError, match=r"rank 0: RSS \+\d+\.\d MB over cycles"):
+            check_cycles(leak, cycles, "synthetic leak", rss_slack_mb=16.0)
 
 
 CPU_CYCLES = 100
