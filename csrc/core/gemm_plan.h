@@ -56,6 +56,12 @@ class MatmulPlan {
   size_t candidate_count() const { return candidates_.size(); }
   // Index into those of the algorithm run() uses: 0 (the heuristic's first choice) until tuned.
   size_t chosen() const;
+  // Enqueues candidate i (< candidate_count()) as run() enqueues the chosen one, without tuning:
+  // for tests that check every algorithm the heuristic offers.
+  cublasStatus_t run_candidate(size_t i, const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+  // Candidate i's cuBLASLt configuration (algorithm id, tile, split-K count, reduction scheme).
+  std::string describe_candidate(size_t i) const;
 
  private:
   void set_epilogue_pointers(const MatmulPointers& ptrs);

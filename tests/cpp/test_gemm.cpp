@@ -9,12 +9,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
+#include <iostream>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -25,6 +28,7 @@
 #include "core/gemm.h"
 #include "core/gemm_cache.h"
 #include "core/gemm_check.h"
+#include "core/gemm_plan.h"
 #include "gpu_test_util.h"
 
 namespace tpext::core {
@@ -860,7 +864,10 @@ void matmul_in_graph(const MatmulDesc& desc, const MatmulPointers& p, void* work
   (void)cudaGraphDestroy(graph);
 }
 
-void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t workspace_bytes, bool in_graph = false) {
+// How a case's GEMM is enqueued: through matmul(), in a graph, or one plan candidate directly.
+using Enqueue = std::function<void(const MatmulDesc&, const MatmulPointers&)>;
+
+void run_case_with(const Case& c, cudaStream_t stream, const Enqueue& enqueue) {
   SCOPED_TRACE(describe_case(c));
   const MatmulDesc desc = desc_for(c);
   const MatmulDesc strides = with_resolved_leading_dims(desc);  // how the test lays memory out
@@ -902,10 +909,7 @@ void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t worksp
   if (epilogue_reads_bias(e)) p.bias = dbias.ptr;
   if (epilogue_uses_aux(e)) p.aux = daux.ptr;
   if (epilogue_writes_bgrad(e)) p.bgrad = dbgrad.ptr;
-  if (in_graph)
-    matmul_in_graph(desc, p, workspace, workspace_bytes, stream);
-  else
-    matmul(desc, p, workspace, workspace_bytes, stream);
+  enqueue(desc, p);
 
   const Reference ref = reference_for(c, a, b, bias, aux_in, d0);
   const bool activation = e != Epilogue::kNone && e != Epilogue::kBias && e != Epilogue::kBgrad;
@@ -929,6 +933,15 @@ void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t worksp
     expect_matches("bgrad", logical_values(dt, bgrad_bytes, 1, bgrad_len, bgrad_len), ref.bgrad,
                    e == Epilogue::kDGeluBgrad ? act_tol : gemm_tol);
   }
+}
+
+void run_case(const Case& c, cudaStream_t stream, void* workspace, size_t workspace_bytes, bool in_graph = false) {
+  run_case_with(c, stream, [&](const MatmulDesc& desc, const MatmulPointers& p) {
+    if (in_graph)
+      matmul_in_graph(desc, p, workspace, workspace_bytes, stream);
+    else
+      matmul(desc, p, workspace, workspace_bytes, stream);
+  });
 }
 
 struct Shape {
@@ -1297,6 +1310,63 @@ TEST(GemmGpu, AutotunedPlansStayCorrect) {
   EXPECT_GT(plan->candidate_count(), 1u) << "the heuristic offered one algorithm: nothing was tuned";
   EXPECT_TRUE(plan->tuned());
   EXPECT_LT(plan->chosen(), plan->candidate_count());
+}
+
+// Thin weight-gradient GEMMs with the bias-gradient epilogue, as a row-parallel rank holding one to
+// three input features runs them (dW = dY^T X, m output features, n local inputs, k tokens). On 2
+// H200s (0ba7028) an autotuned plan of this kind wrote a wrong bias gradient, so tuning now keeps
+// the heuristic's first choice for bias-gradient epilogues. Every candidate the heuristic offers
+// is run here on fresh poisoned buffers, once and twice in a row (an algorithm that adds into its
+// output would double it), its failures captured and printed rather than failed: a wrong
+// candidate is cuBLASLt's, and only matters if tpext runs it. What tpext runs must be right: the
+// first choice, and matmul() with autotuning on, for these and for the same shapes without an
+// epilogue (which are still tuned).
+TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
+  TPEXT_REQUIRE_GPUS(1);
+  GpuEnv env;
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  const Shape shapes[] = {{5, 1, 6}, {5, 1, 64}, {5, 2, 6}, {5, 3, 100}, {64, 1, 4096}, {1024, 1, 2048}};
+  uint32_t seed = 50000;
+  size_t wrong_candidates = 0;
+  for (DataType dt : kDtypes)
+    for (Epilogue e : {Epilogue::kBgrad, Epilogue::kNone})
+      for (const Shape& sh : shapes) {
+        const Case c = gemm_case(sh.m, sh.n, sh.k, /*trans_a=*/true, false, dt, e, 0, seed += 10);
+        const MatmulDesc resolved = with_resolved_leading_dims(desc_for(c));
+        size_t candidates = 1;
+        for (size_t i = 0; i < candidates; ++i)
+          for (int runs : {1, 2}) {
+            std::string config;
+            ::testing::TestPartResultArray failures;
+            {
+              ::testing::ScopedFakeTestPartResultReporter capture(
+                  ::testing::ScopedFakeTestPartResultReporter::INTERCEPT_ONLY_CURRENT_THREAD, &failures);
+              run_case_with(c, env.stream.get(), [&](const MatmulDesc&, const MatmulPointers& p) {
+                MatmulPlan plan(cublaslt_handle(device), resolved, p, env.workspace_bytes, kMaxAutotuneCandidates);
+                candidates = plan.candidate_count();
+                config = plan.describe_candidate(i);
+                for (int r = 0; r < runs; ++r)
+                  ASSERT_EQ(plan.run_candidate(i, p, env.workspace.get(), env.workspace_bytes, env.stream.get()),
+                            CUBLAS_STATUS_SUCCESS) << "candidate " << i << " refused";
+              });
+            }
+            if (failures.size() == 0) continue;
+            ++wrong_candidates;
+            std::cout << "[cuBLASLt candidate wrong] " << describe_case(c) << " candidate " << i << " of "
+                      << candidates << " (" << config << "), " << runs << " run(s): "
+                      << failures.GetTestPartResult(0).message() << "\n";
+            if (i == 0) ADD_FAILURE() << "the heuristic's first choice, which tpext runs, is wrong: "
+                                      << describe_case(c) << " (" << config << ")";
+          }
+        AutotuneScope scope(8);
+        for (int call = 0; call < 2; ++call) {  // tunes (or not), then reuses the plan
+          Case again = c;
+          again.seed = seed += 10;
+          run_case(again, env.stream.get(), env.workspace.get(), env.workspace_bytes);
+        }
+      }
+  std::cout << "[thin wgrad] candidates that computed a wrong result: " << wrong_candidates << "\n";
 }
 
 // Inside a CUDA graph capture there is no timing (it would need a host wait): the captured GEMM
