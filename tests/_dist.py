@@ -29,6 +29,7 @@ import faulthandler
 import importlib.util
 import os
 import pickle
+import random
 import signal
 import socket
 import subprocess
@@ -49,9 +50,32 @@ class LaunchError(AssertionError):
     """A launched rank failed, crashed or timed out. An AssertionError so pytest reports a failure."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default lower bound
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (rank 0's TCPStore binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nobody listens on right now, for rank 0's TCPStore to bind moments later. Taken
+    below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be handed again,
+    in that gap, to any outgoing connection on the machine (NCCL's and gloo's bootstrap sockets of
+    concurrent tests), which on 2 H200s with tests running side by side made the store fail with
+    EADDRINUSE twice in one run. Below the range only another listener picking the same random
+    port could collide."""
+    low = _ephemeral_low()
+    rng = random.Random()  # seeded from the OS: the tests' torch/random seeds must not pick ports
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded machine: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

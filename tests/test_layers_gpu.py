@@ -130,6 +130,24 @@ def check_gelu_without_pre(group, device, tag, dtype):
     assert pre_kept.shape == out_kept.shape, f"{tag}: linear() kept no pre-activation"
 
 
+def check_bias_grad_beside_the_epilogue(device, tag):
+    """linear_backward's bias gradient where the wgrad GEMM's epilogue does not give it: float16
+    with one input feature (cuBLASLt's BGRADB wrote one element of 64 there on 2 H200s, 5673920;
+    a TP=2 MLP with 3 hidden features has that fc2 shard) and no input feature (no GEMM runs);
+    every dtype, for k = 0, 1, 2, against the float64 column sums of the same grad_out."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for k in (0, 1, 2):
+            name = f"{tag}/bias-grad/{dtype}/k={k}"
+            g = full_tensor(f"{name}/g", (4096, 64), dtype)
+            x = full_tensor(f"{name}/x", (4096, k), dtype)
+            w = full_tensor(f"{name}/w", (64, k), dtype)
+            dx, dw, db = torch.ops.tpext.linear_backward(g.to(device), x.to(device), w.to(device), True, True, True)
+            g64, x64 = g.double(), x.double()
+            assert_close_rel(db.cpu(), g64.sum(0), dtype, f"{name}: db", terms=g64.abs().sum(0))
+            assert_close_rel(dw.cpu(), g64.t() @ x64, dtype, f"{name}: dw", terms=g64.abs().t() @ x64.abs())
+            assert tuple(dx.shape) == (4096, k), f"{name}: dx shape {tuple(dx.shape)}"
+
+
 def parity_body(tp_size=None):
     tp, device, tag = _init(tp_size)
     check_errors_on_gpu(tp, device)
@@ -142,6 +160,7 @@ def parity_body(tp_size=None):
         check_row_chunks(tp, device, tag, dtype)
         check_gelu_without_pre(tp, device, tag, dtype)
     check_row_chunks(tp, device, tag, torch.float16)
+    check_bias_grad_beside_the_epilogue(device, tag)
     # Autotuned GEMMs (tpext.set_gemm_autotune): whichever algorithm the timing keeps, the MLPs
     # still match the full model within the dtype's bound, forward and every gradient.
     tpext.set_gemm_autotune(8)

@@ -79,6 +79,8 @@ bool epilogue_writes_bgrad(Epilogue e) {
   return e == Epilogue::kBgrad || e == Epilogue::kDGeluBgrad;
 }
 
+bool bgrad_epilogue_supported(DataType dtype, int64_t n) { return !(dtype == DataType::kFloat16 && n == 1); }
+
 int64_t bgrad_length(const MatmulDesc& d) {
   if (d.epilogue == Epilogue::kBgrad) return d.m;
   if (d.epilogue == Epilogue::kDGeluBgrad) return d.n;
@@ -117,6 +119,9 @@ void validate_matmul(const MatmulDesc& d, const MatmulPointers& p, const void* w
     reject(d, "trans_a: must be true for epilogue bgrad (A stored k×m, as dY is in the wgrad "
               "dW = dY^T·X); cuBLASLt's bias-gradient reduction (BGRADB) needs this operand "
               "transposed");
+  if (d.epilogue == Epilogue::kBgrad && !bgrad_epilogue_supported(d.dtype, d.n))
+    reject(d, "n: must not be 1 for epilogue bgrad in float16: cuBLASLt's BGRADB then writes only the "
+              "first bias-gradient element (seen on H200, CUDA 13.0); sum the bias gradient separately");
   if (d.k == 0 && epilogue_reads_bias(d.epilogue))
     reject(d, std::string("k: must be > 0 for epilogue ") + epilogue_name(d.epilogue) +
                   ": with k = 0 the result is the broadcast bias, which cuBLASLt cannot produce");

@@ -18,6 +18,14 @@ inline bool epilogue_uses_aux(Epilogue e) {
   return epilogue_writes_aux(e) || epilogue_reads_aux(e);
 }
 
+// Whether cuBLASLt's bias-gradient epilogue (kBgrad, BGRADB) gives a right result for this dtype
+// and n (our D's columns: the local input features of a wgrad). Not for float16 with n = 1: on
+// H200 with CUDA 13.0's cuBLASLt it writes the first of the m gradient elements only, with the
+// heuristic's first choice as with others (tests/cpp GemmGpu.BiasGradientOfThinWgradGemms);
+// bfloat16, float32 and n >= 2 were right. validate_matmul rejects that case; callers sum the
+// bias gradient separately there.
+bool bgrad_epilogue_supported(DataType dtype, int64_t n);
+
 // Elements in bgrad: m for kBgrad (one per row of op(A)), n for kDGeluBgrad (one per column
 // of D), 0 for the others.
 int64_t bgrad_length(const MatmulDesc& desc);

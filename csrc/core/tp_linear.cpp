@@ -5,6 +5,7 @@
 
 #include "device_guard.h"
 #include "error.h"
+#include "gemm_check.h"
 
 namespace tpext::core {
 namespace {
@@ -183,6 +184,10 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
   check_gemm_dtype(a.dtype, a.allow_tf32, where);
   if (a.db != nullptr && a.dw == nullptr)
     throw_invalid_argument(std::string(where) + ": db: the bias gradient rides on the weight-gradient GEMM; pass dw too");
+  if (a.db != nullptr && !bgrad_epilogue_supported(a.dtype, a.k))  // before the dgrad GEMM is enqueued
+    throw_invalid_argument(std::string(where) +
+                           ": db: cuBLASLt's bias-gradient epilogue is wrong for float16 with k = 1 input "
+                           "feature; pass db = nullptr and sum dy's rows instead");
   const bool reduces_dx = comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0;
   check_comm_sms(std::string(where) + ": ", a.comm_sms);  // checked even where no collective runs
   // The wgrad GEMM runs beside the dx all-reduce (when there is one to run beside).

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "core/gemm.h"
+#include "core/gemm_check.h"
 #include "core/tp_linear.h"
 #include "error_translation.h"
 #include "overlap.h"
@@ -192,15 +193,25 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   at::Tensor dx = need_input_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor dw = need_weight_grad ? at::empty_like(weight) : at::empty({0}, input.options());
   at::Tensor db = bias_grad ? at::empty({n}, input.options()) : at::empty({0}, input.options());
+  // The bias gradient rides on the wgrad GEMM's epilogue, except where that gives none: an empty
+  // shard (k = 0: no GEMM runs) and float16 with one input feature (core::bgrad_epilogue_supported).
+  // There torch sums grad_out's rows (in float32 for float16, as the epilogue does).
+  const bool db_by_sum = bias_grad && (k == 0 || !core::bgrad_epilogue_supported(gemm_dtype(input, op), k));
+  auto sum_db = [&, m = m, n = n] {
+    if (db_by_sum) at::sum_out(db, grad_out.reshape({m, n}), 0);
+  };
   if (need_input_grad && k > 0 && (m == 0 || n == 0)) dx.zero_();
-  if (need_weight_grad && (n == 0 || k == 0)) return std::make_tuple(dx, dw, db);
+  if (need_weight_grad && (n == 0 || k == 0)) {
+    sum_db();
+    return std::make_tuple(dx, dw, db);
+  }
   core::LinearBackward a;
   a.dy = grad_out.data_ptr();
   a.x = input.data_ptr();
   a.w = weight.data_ptr();
   a.dx = need_input_grad && m > 0 && n > 0 ? dx.data_ptr() : nullptr;
   a.dw = need_weight_grad ? dw.data_ptr() : nullptr;
-  a.db = bias_grad ? db.data_ptr() : nullptr;
+  a.db = bias_grad && !db_by_sum ? db.data_ptr() : nullptr;
   a.m = m;
   a.n = n;
   a.k = k;
@@ -210,6 +221,7 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   at::Tensor ws_holder;
   core::Workspace ws = workspace_for(input, ws_holder);
   core::linear_backward(comm, a, ws, stream_of(input));
+  sum_db();
   return std::make_tuple(dx, dw, db);
 }
 

@@ -287,6 +287,27 @@ TEST(GemmValidation, AccumulateOnlyWhereItMeansDPlusResult) {
   }
 }
 
+// cuBLASLt's BGRADB writes one element of m for float16 with n = 1 (GemmGpu.BiasGradientOfThin-
+// WgradGemms shows it on a GPU): rejected there, before any CUDA call; the neighbours stay valid.
+TEST(GemmValidation, BgradRejectsOneColumnInFloat16) {
+  MatmulDesc d = valid_desc(Epilogue::kBgrad);
+  d.n = 1;
+  d.dtype = DataType::kFloat16;
+  expect_rejected(d, pointers_for(Epilogue::kBgrad), "n");
+  EXPECT_FALSE(bgrad_epilogue_supported(DataType::kFloat16, 1));
+  for (DataType dt : {DataType::kBFloat16, DataType::kFloat32}) {
+    d.dtype = dt;
+    expect_valid(d, pointers_for(Epilogue::kBgrad));
+  }
+  d.dtype = DataType::kFloat16;
+  d.n = 2;
+  expect_valid(d, pointers_for(Epilogue::kBgrad));
+  MatmulDesc plain = d;  // the same GEMM without the epilogue is fine at n = 1
+  plain.n = 1;
+  plain.epilogue = Epilogue::kNone;
+  expect_valid(plain, pointers_for(Epilogue::kNone));
+}
+
 TEST(GemmValidation, BgradNeedsTransposedA) {
   MatmulDesc d = valid_desc(Epilogue::kBgrad);
   d.trans_a = false;
@@ -1314,13 +1335,14 @@ TEST(GemmGpu, AutotunedPlansStayCorrect) {
 
 // Thin weight-gradient GEMMs with the bias-gradient epilogue, as a row-parallel rank holding one to
 // three input features runs them (dW = dY^T X, m output features, n local inputs, k tokens). On 2
-// H200s (0ba7028) an autotuned plan of this kind wrote a wrong bias gradient, so tuning now keeps
-// the heuristic's first choice for bias-gradient epilogues. Every candidate the heuristic offers
-// is run here on fresh poisoned buffers, once and twice in a row (an algorithm that adds into its
-// output would double it), its failures captured and printed rather than failed: a wrong
-// candidate is cuBLASLt's, and only matters if tpext runs it. What tpext runs must be right: the
-// first choice, and matmul() with autotuning on, for these and for the same shapes without an
-// epilogue (which are still tuned).
+// H200s (0ba7028) an autotuned plan of this kind wrote a wrong bias gradient. This test found why
+// (5673920): in float16 with n = 1 every algorithm 13 candidate, the heuristic's first choice at
+// 64 x 1 x 4096 and 1024 x 1 x 2048 included, writes the first of the m bias-gradient elements
+// only; bfloat16, float32 and n = 2, 3 were right. So matmul() rejects that case
+// (bgrad_epilogue_supported) and tuning keeps the first choice for bias-gradient epilogues. Every
+// candidate is run here on fresh poisoned buffers, once and twice in a row (an algorithm that adds
+// into its output would double it), its failures captured and printed rather than failed: a wrong
+// candidate is cuBLASLt's, and only matters if matmul() can run it, which must then be right.
 TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
   TPEXT_REQUIRE_GPUS(1);
   GpuEnv env;
@@ -1356,10 +1378,18 @@ TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
             std::cout << "[cuBLASLt candidate wrong] " << describe_case(c) << " candidate " << i << " of "
                       << candidates << " (" << config << "), " << runs << " run(s): "
                       << failures.GetTestPartResult(0).message() << "\n";
-            if (i == 0) ADD_FAILURE() << "the heuristic's first choice, which tpext runs, is wrong: "
-                                      << describe_case(c) << " (" << config << ")";
+            // What matmul() may run: the first choice of a bias-gradient plan (never tuned), any
+            // candidate of a plain one (tuned). float16 with n = 1 and bgrad is rejected instead.
+            const bool reachable = e == Epilogue::kNone || (i == 0 && bgrad_epilogue_supported(dt, sh.n));
+            if (reachable)
+              ADD_FAILURE() << "a wrong algorithm matmul() can run: " << describe_case(c) << " candidate " << i
+                            << " (" << config << ")";
           }
         AutotuneScope scope(8);
+        if (e == Epilogue::kBgrad && !bgrad_epilogue_supported(dt, sh.n)) {
+          expect_rejected(desc_for(c), pointers_for(e), "n");
+          continue;
+        }
         for (int call = 0; call < 2; ++call) {  // tunes (or not), then reuses the plan
           Case again = c;
           again.seed = seed += 10;

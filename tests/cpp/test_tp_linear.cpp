@@ -105,6 +105,26 @@ TEST(RowPlan, ColumnBlocksForFewTokensRowPiecesForManyOneWhenLatencyBound) {
   }
 }
 
+// float16 with one input feature: the bias gradient cannot ride on the wgrad GEMM (cuBLASLt's
+// BGRADB writes one element there, see bgrad_epilogue_supported), so db is refused before anything
+// is enqueued: fake pointers and no stream, and still an InvalidArgument naming db, not a CUDA error.
+TEST(LinearBackwardArgs, RefusesTheBiasGradientOfOneFloat16Feature) {
+  LinearBackward a;
+  int dummy[4] = {};
+  a.dy = a.x = a.w = dummy;
+  a.dw = a.db = dummy;
+  a.m = 64;
+  a.n = 8;
+  a.k = 1;
+  a.dtype = DataType::kFloat16;
+  try {
+    linear_backward(nullptr, a, Workspace{nullptr, 0}, nullptr);
+    ADD_FAILURE() << "db for float16 with k = 1 was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("linear_backward: db:"), std::string::npos) << e.what();
+  }
+}
+
 TEST(OverlapSms, ZeroLeavesTheChoiceToCublasLtAndNegativeIsRejected) {
   // Host-side: neither asks the device anything.
   EXPECT_EQ(overlap_sm_target(0, 0), 0);
