@@ -134,7 +134,8 @@ def check_bias_grad_beside_the_epilogue(device, tag):
     """linear_backward's bias gradient where the wgrad GEMM's epilogue does not give it: float16
     with one input feature (cuBLASLt's BGRADB wrote one element of 64 there on 2 H200s, 5673920;
     a TP=2 MLP with 3 hidden features has that fc2 shard) and no input feature (no GEMM runs);
-    every dtype, for k = 0, 1, 2, against the float64 column sums of the same grad_out."""
+    every dtype, for k = 0, 1, 2, against the float64 column sums of the same grad_out. And the
+    forward of the same shapes (k = 0: only the bias, where the rows used to be counted as 0)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for k in (0, 1, 2):
             name = f"{tag}/bias-grad/{dtype}/k={k}"
@@ -146,6 +147,11 @@ def check_bias_grad_beside_the_epilogue(device, tag):
             assert_close_rel(db.cpu(), g64.sum(0), dtype, f"{name}: db", terms=g64.abs().sum(0))
             assert_close_rel(dw.cpu(), g64.t() @ x64, dtype, f"{name}: dw", terms=g64.abs().t() @ x64.abs())
             assert tuple(dx.shape) == (4096, k), f"{name}: dx shape {tuple(dx.shape)}"
+            b = full_tensor(f"{name}/b", (64,), dtype)
+            y, _ = torch.ops.tpext.linear(x.to(device), w.to(device), b.to(device), "none", False)
+            x64 = x.double()
+            assert_close_rel(y.cpu(), x64 @ w.double().t() + b.double(), dtype, f"{name}: linear forward",
+                             terms=x64.abs() @ w.double().abs().t() + b.double().abs())
 
 
 def parity_body(tp_size=None):

@@ -4,6 +4,7 @@
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -99,7 +100,9 @@ std::tuple<int64_t, int64_t, int64_t> check_linear(const char* op, const at::Ten
     });
   }
   const int64_t k = weight.size(1);
-  const int64_t m = k == 0 ? input.numel() / std::max<int64_t>(input.size(-1), 1) : input.numel() / k;
+  // The rows are the leading dimensions' product, not numel / k: with no input feature (k = 0, an
+  // empty shard) numel is 0 whatever the rows, and m = 0 returned the output unwritten.
+  const int64_t m = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
   return {m, weight.size(0), k};
 }
 
