@@ -142,16 +142,16 @@ def check_bias_grad_beside_the_epilogue(device, tag):
             g = full_tensor(f"{name}/g", (4096, 64), dtype)
             x = full_tensor(f"{name}/x", (4096, k), dtype)
             w = full_tensor(f"{name}/w", (64, k), dtype)
-            dx, dw, db = torch.ops.tpext.linear_backward(g.to(device), x.to(device), w.to(device), True, True, True)
-            g64, x64 = g.double(), x.double()
+            g_dev, x_dev, w_dev = g.to(device), x.to(device), w.to(device)
+            dx, dw, db = torch.ops.tpext.linear_backward(g_dev, x_dev, w_dev, True, True, True)
+            g64, x64, w64 = g.double(), x.double(), w.double()
             assert_close_rel(db.cpu(), g64.sum(0), dtype, f"{name}: db", terms=g64.abs().sum(0))
             assert_close_rel(dw.cpu(), g64.t() @ x64, dtype, f"{name}: dw", terms=g64.abs().t() @ x64.abs())
             assert tuple(dx.shape) == (4096, k), f"{name}: dx shape {tuple(dx.shape)}"
             b = full_tensor(f"{name}/b", (64,), dtype)
-            y, _ = torch.ops.tpext.linear(x.to(device), w.to(device), b.to(device), "none", False)
-            x64 = x.double()
-            assert_close_rel(y.cpu(), x64 @ w.double().t() + b.double(), dtype, f"{name}: linear forward",
-                             terms=x64.abs() @ w.double().abs().t() + b.double().abs())
+            y, _ = torch.ops.tpext.linear(x_dev, w_dev, b.to(device), "none", False)
+            assert_close_rel(y.cpu(), x64 @ w64.t() + b.double(), dtype, f"{name}: linear forward",
+                             terms=x64.abs() @ w64.abs().t() + b.double().abs())
 
 
 def parity_body(tp_size=None):

@@ -356,16 +356,16 @@ def _synthetic_cycles(rss_trace, warmup=5):
     snap = lambda i: {"fds": 40, "threads": 3, "os_threads": 9, "cuda": (0, 0), "rss_mb": rss_trace[i - 1],
                       "maps": {"anon rw-p 64 MB": int(rss_trace[i - 1] * 1024)}}
     seen = {i: snap(i) for i in (warmup, steady_from(cycles, warmup), cycles)}
-    return [{"seen": seen, "seconds": 1.0, "warmup": warmup, "rss_trace": rss_trace}], cycles
+    return [{"seen": seen, "seconds": 1.0, "warmup": warmup, "rss_trace": rss_trace}]
 
 
 def test_cycle_check_tells_an_arena_high_water_mark_from_a_leak():
     # Rank 0 of the 2-GPU run: three ~27 MB steps by cycle 10 of 25, then flat. Not a leak.
-    steps, _ = _synthetic_cycles([976.0] * 6 + [1003.0, 1007.0, 1007.0, 1034.0] + [1034.0] * 15)
+    steps = _synthetic_cycles([976.0] * 6 + [1003.0, 1007.0, 1007.0, 1034.0] + [1034.0] * 15)
     check_cycles(steps, 25, "synthetic arena steps", rss_slack_mb=16.0)
     # 1.5 MB more every cycle: 19 MB over the second half of 25 cycles, 75 MB over 100.
     for cycles in (25, 100):
-        leak, _ = _synthetic_cycles([976.0 + 1.5 * i for i in range(1, cycles + 1)])
+        leak = _synthetic_cycles([976.0 + 1.5 * i for i in range(1, cycles + 1)])
         with pytest.raises(AssertionError, match=r"rank 0: RSS \+\d+\.\d MB over cycles"):
             check_cycles(leak, cycles, "synthetic leak", rss_slack_mb=16.0)
 

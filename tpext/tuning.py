@@ -29,7 +29,7 @@ choice unless another is at least 3 % faster); under capture the first choice ru
 eager call tunes. The price: one host wait per new problem, and the choice
 may differ between processes and ranks, so results stop being bitwise reproducible across runs
 (rounding differs between algorithms). Off (0) by default for that reason; GEMMs that accumulate
-into their output are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 7-8 % faster
+into their output or write a bias gradient are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 7-8 % faster
 training fc1 at 512-1024 tokens, 2-3 % slower at 256 tokens (fc1) and 4096-16384 (fc2), where the
 tuner's back-to-back timing disagrees with use: not yet worth turning on for those sizes.
 """

@@ -97,7 +97,8 @@ size_t matmul_cache_size();
 // distinct GEMM that runs outside CUDA-graph capture asks the heuristic for its best n algorithms,
 // times each on that call's own operands (a warm-up, then three rounds of two runs, each
 // algorithm's best round; CUDA events, host waits) and keeps the fastest for every later call of
-// the same problem, the heuristic's first choice unless another is at least 3 % faster. The heuristic's first
+// the same problem, the heuristic's first choice unless another is at least 3 % faster. GEMMs that
+// accumulate into D or write a bias gradient keep the first choice untimed. The heuristic's first
 // choice is not always the fastest (bench/gemm_compare.py: tpext's bias+GELU+aux GEMM 3-8 %
 // behind torch's GEMM + GELU at some sizes). Costs: the host wait once per problem, and the choice
 // can differ between runs and ranks, so results are no longer bitwise reproducible across

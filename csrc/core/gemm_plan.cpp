@@ -1,5 +1,6 @@
 #include "gemm_plan.h"
 
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <unordered_map>
@@ -286,11 +287,9 @@ struct RelaxedCaptureMode {
 void MatmulPlan::tune_locked(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
   // Not timed, the heuristic's first choice kept: accumulating GEMMs (every timed run would add
-  // into D), and epilogues that write a bias gradient. On 2 H200s (cuBLASLt of CUDA 13.0, 0ba7028)
-  // an autotuned fp16 wgrad with the bias-gradient epilogue, 5 x 1 x 6 (a row-parallel rank
-  // holding one input feature), gave a bias gradient off by more than its own size while its dW
-  // was right; the first choice is what every untuned test checks.
-  // GemmGpu.BiasGradientOfThinWgradGemms runs each candidate on such shapes and prints which.
+  // into D), and epilogues that write a bias gradient. Lower-ranked bias-gradient algorithms were
+  // the wrong ones on 2 H200s (float16, one column: GemmGpu.BiasGradientOfThinWgradGemms, which
+  // bgrad_epilogue_supported now excludes), and the first choice is what the untuned tests check.
   if (desc_.accumulate || epilogue_writes_bgrad(desc_.epilogue)) {
     tuned_ = true;
     return;
@@ -304,7 +303,8 @@ void MatmulPlan::tune_locked(const MatmulPointers& ptrs, void* workspace, size_t
   // mercy of clocks and of whatever ran just before (a first tuner on H100 that timed each
   // candidate once, three runs, kept slower algorithms as often as faster ones).
   constexpr int kRounds = 3, kTimedRuns = 2;
-  std::vector<float> best_ms(candidates_.size(), -1.0f);  // -1: cuBLASLt refused to run it
+  // Untimed (and refused: cuBLASLt would not run it) candidates stay at +inf, which no bar passes.
+  std::vector<float> best_ms(candidates_.size(), std::numeric_limits<float>::infinity());
   std::vector<bool> usable(candidates_.size(), true);
   for (size_t i = 0; i < candidates_.size(); ++i)  // one warm-up each; a refused one is passed over
     usable[i] = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
@@ -318,7 +318,7 @@ void MatmulPlan::tune_locked(const MatmulPointers& ptrs, void* workspace, size_t
       TPEXT_CUDA_CHECK(cudaEventSynchronize(events.stop));
       float ms = 0.0f;
       TPEXT_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
-      if (usable[i] && (best_ms[i] < 0.0f || ms < best_ms[i])) best_ms[i] = ms;
+      best_ms[i] = usable[i] ? std::min(best_ms[i], ms) : std::numeric_limits<float>::infinity();
     }
   }
   // The heuristic's first choice stays unless another is clearly faster: differences of a few
@@ -326,9 +326,9 @@ void MatmulPlan::tune_locked(const MatmulPointers& ptrs, void* workspace, size_t
   // timed sets no bar.
   constexpr float kMargin = 0.97f;
   size_t best = 0;
-  float bar = usable[0] && best_ms[0] >= 0.0f ? best_ms[0] * kMargin : std::numeric_limits<float>::infinity();
+  float bar = best_ms[0] * kMargin;  // +inf when the first choice could not be timed
   for (size_t i = 1; i < candidates_.size(); ++i) {
-    if (usable[i] && best_ms[i] >= 0.0f && best_ms[i] < bar) {
+    if (best_ms[i] < bar) {
       best = i;
       bar = best_ms[i];
     }

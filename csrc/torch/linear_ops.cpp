@@ -47,25 +47,23 @@ void require(bool ok, Message&& message) {
   if (!ok) core::throw_invalid_argument(std::forward<Message>(message)());
 }
 
-std::string where(const char* op, const char* arg) { return std::string(op) + ": " + arg + ": "; }
-
 std::string dev(const at::Tensor& t) { return t.device().str(); }
 
 void check_operand(const at::Tensor& t, const char* op, const char* arg, const at::Tensor& ref, int64_t dims) {
-  require(t.defined(), [&] { return where(op, arg) + "expected a tensor, got None"; });
-  require(t.is_cuda(), [&] { return where(op, arg) + "expected a CUDA tensor, got one on " + dev(t); });
+  require(t.defined(), [&] { return arg_prefix(op, arg) + "expected a tensor, got None"; });
+  require(t.is_cuda(), [&] { return arg_prefix(op, arg) + "expected a CUDA tensor, got one on " + dev(t); });
   require(t.device() == ref.device(),
-          [&] { return where(op, arg) + "expected a tensor on " + dev(ref) + " (where input is), got " + dev(t); });
+          [&] { return arg_prefix(op, arg) + "expected a tensor on " + dev(ref) + " (where input is), got " + dev(t); });
   require(t.scalar_type() == ref.scalar_type(), [&] {
-    return where(op, arg) + "expected dtype " + std::string(c10::toString(ref.scalar_type())) +
+    return arg_prefix(op, arg) + "expected dtype " + std::string(c10::toString(ref.scalar_type())) +
            " (the dtype of input), got " + c10::toString(t.scalar_type());
   });
   if (dims > 0)
     require(t.dim() == dims, [&] {
-      return where(op, arg) + "expected a " + std::to_string(dims) + "-d tensor, got shape " + c10::str(t.sizes());
+      return arg_prefix(op, arg) + "expected a " + std::to_string(dims) + "-d tensor, got shape " + c10::str(t.sizes());
     });
   require(t.is_contiguous(), [&] {
-    return where(op, arg) + "expected a contiguous tensor, got strides " + c10::str(t.strides()) + " for sizes " +
+    return arg_prefix(op, arg) + "expected a contiguous tensor, got strides " + c10::str(t.strides()) + " for sizes " +
            c10::str(t.sizes()) + "; call .contiguous() first";
   });
 }
@@ -73,7 +71,7 @@ void check_operand(const at::Tensor& t, const char* op, const char* arg, const a
 core::DataType gemm_dtype(const at::Tensor& input, const char* op) {
   const auto t = input.scalar_type();
   require(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, [&] {
-    return where(op, "input") + "expected dtype float32, bfloat16 or float16, got " + c10::toString(t);
+    return arg_prefix(op, "input") + "expected dtype float32, bfloat16 or float16, got " + c10::toString(t);
   });
   return to_core_dtype(t, op, "input");
 }
@@ -82,20 +80,20 @@ core::DataType gemm_dtype(const at::Tensor& input, const char* op) {
 std::tuple<int64_t, int64_t, int64_t> check_linear(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias) {
   require(input.defined() && input.is_cuda(), [&] {
-    return where(op, "input") + "expected a CUDA tensor, got " + (input.defined() ? "one on " + dev(input) : "None");
+    return arg_prefix(op, "input") + "expected a CUDA tensor, got " + (input.defined() ? "one on " + dev(input) : "None");
   });
-  require(input.dim() >= 1, [&] { return where(op, "input") + "expected at least 1 dimension, got a scalar"; });
+  require(input.dim() >= 1, [&] { return arg_prefix(op, "input") + "expected at least 1 dimension, got a scalar"; });
   check_operand(input, op, "input", input, 0);
   (void)gemm_dtype(input, op);
   check_operand(weight, op, "weight", input, 2);
   require(input.size(-1) == weight.size(1), [&] {
-    return where(op, "input") + "expected last dimension " + std::to_string(weight.size(1)) +
+    return arg_prefix(op, "input") + "expected last dimension " + std::to_string(weight.size(1)) +
            " (weight.shape[1], the in_features of this shard), got shape " + c10::str(input.sizes());
   });
   if (bias.has_value() && bias->defined()) {
     check_operand(*bias, op, "bias", input, 1);
     require(bias->size(0) == weight.size(0), [&] {
-      return where(op, "bias") + "expected " + std::to_string(weight.size(0)) + " elements (weight.shape[0]), got " +
+      return arg_prefix(op, "bias") + "expected " + std::to_string(weight.size(0)) + " elements (weight.shape[0]), got " +
              std::to_string(bias->size(0));
     });
   }
@@ -123,7 +121,7 @@ cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStr
 
 void check_comm_device(const core::Communicator& comm, const at::Tensor& input, const char* op) {
   require(input.get_device() == comm.device(), [&] {
-    return where(op, "input") + "expected a tensor on cuda:" + std::to_string(comm.device()) + " (the device of " +
+    return arg_prefix(op, "input") + "expected a tensor on cuda:" + std::to_string(comm.device()) + " (the device of " +
            comm.describe() + "), got one on " + dev(input);
   });
 }
@@ -186,11 +184,11 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   require(grad_out.dim() == input.dim() && grad_out.sizes().slice(0, grad_out.dim() - 1) == input.sizes().slice(0, input.dim() - 1) &&
               grad_out.size(-1) == n,
           [&, n = n] {
-            return where(op, "grad_out") + "expected shape " + c10::str(with_last(input, n)) + ", got " +
+            return arg_prefix(op, "grad_out") + "expected shape " + c10::str(with_last(input, n)) + ", got " +
                    c10::str(grad_out.sizes());
           });
   require(!bias_grad || need_weight_grad,
-          [&] { return where(op, "bias_grad") + "needs need_weight_grad (db is computed by the wgrad GEMM)"; });
+          [&] { return arg_prefix(op, "bias_grad") + "needs need_weight_grad (db is computed by the wgrad GEMM)"; });
   if (comm != nullptr) check_comm_device(*comm, input, op);
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor dx = need_input_grad ? at::empty_like(input) : at::empty({0}, input.options());
@@ -199,7 +197,8 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   // The bias gradient rides on the wgrad GEMM's epilogue, except where that gives none: an empty
   // shard (k = 0: no GEMM runs) and float16 with one input feature (core::bgrad_epilogue_supported).
   // There torch sums grad_out's rows (in float32 for float16, as the epilogue does).
-  const bool db_by_sum = bias_grad && (k == 0 || !core::bgrad_epilogue_supported(gemm_dtype(input, op), k));
+  const core::DataType dtype = gemm_dtype(input, op);
+  const bool db_by_sum = bias_grad && (k == 0 || !core::bgrad_epilogue_supported(dtype, k));
   auto sum_db = [&, m = m, n = n] {
     if (db_by_sum) at::sum_out(db, grad_out.reshape({m, n}), 0);
   };
@@ -218,7 +217,7 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   a.m = m;
   a.n = n;
   a.k = k;
-  a.dtype = gemm_dtype(input, op);
+  a.dtype = dtype;
   a.allow_tf32 = tf32(input);
   a.comm_sms = overlap_sms();
   at::Tensor ws_holder;

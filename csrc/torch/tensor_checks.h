@@ -4,10 +4,15 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "core/communicator.h"
 #include "core/dtype.h"
 
 namespace tpext::adapter {
+
+// "op: arg: ", the start of every argument error the ops raise.
+std::string arg_prefix(const char* op, const char* arg);
 
 core::DataType to_core_dtype(at::ScalarType t, const char* op, const char* arg);
 

@@ -1338,8 +1338,9 @@ TEST(GemmGpu, AutotunedPlansStayCorrect) {
 // H200s (0ba7028) an autotuned plan of this kind wrote a wrong bias gradient. This test found why
 // (5673920): in float16 with n = 1, 20 of the 32 candidates over these four shapes (all of them
 // algorithm 13; the heuristic's first choice at 64 x 1 x 4096 and 1024 x 1 x 2048 among them)
-// write the first of the m bias-gradient elements only; bfloat16, float32 and n = 2, 3 were right. So matmul() rejects that case
-// (bgrad_epilogue_supported) and tuning keeps the first choice for bias-gradient epilogues. Every
+// write the first of the m bias-gradient elements only; bfloat16, float32 and n = 2, 3 were
+// right. So matmul() rejects that case (bgrad_epilogue_supported) and tuning keeps the first
+// choice for bias-gradient epilogues. Every
 // candidate is run here on fresh poisoned buffers, once and twice in a row (an algorithm that adds
 // into its output would double it), its failures captured and printed rather than failed: a wrong
 // candidate is cuBLASLt's, and only matters if matmul() can run it, which must then be right.
