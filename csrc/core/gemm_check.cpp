@@ -79,7 +79,7 @@ bool epilogue_writes_bgrad(Epilogue e) {
   return e == Epilogue::kBgrad || e == Epilogue::kDGeluBgrad;
 }
 
-bool bgrad_epilogue_supported(DataType dtype, int64_t n) { return !(dtype == DataType::kFloat16 && n == 1); }
+bool bgrad_epilogue_supported(DataType dtype, int64_t n) { return n >= (dtype == DataType::kFloat16 ? 2 : 1); }
 
 int64_t bgrad_length(const MatmulDesc& d) {
   if (d.epilogue == Epilogue::kBgrad) return d.m;
@@ -120,8 +120,11 @@ void validate_matmul(const MatmulDesc& d, const MatmulPointers& p, const void* w
               "dW = dY^T·X); cuBLASLt's bias-gradient reduction (BGRADB) needs this operand "
               "transposed");
   if (d.epilogue == Epilogue::kBgrad && !bgrad_epilogue_supported(d.dtype, d.n))
-    reject(d, "n: must not be 1 for epilogue bgrad in float16: cuBLASLt's BGRADB then writes only the "
-              "first bias-gradient element (seen on H200, CUDA 13.0); sum the bias gradient separately");
+    reject(d, d.n == 0 ? std::string("n: must be > 0 for epilogue bgrad: with no column no GEMM runs to write the "
+                                     "bias gradient; sum it separately")
+                       : std::string("n: must not be 1 for epilogue bgrad in float16: cuBLASLt's BGRADB then "
+                                     "writes only the first bias-gradient element (seen on H200, CUDA 13.0); "
+                                     "sum the bias gradient separately"));
   if (d.k == 0 && epilogue_reads_bias(d.epilogue))
     reject(d, std::string("k: must be > 0 for epilogue ") + epilogue_name(d.epilogue) +
                   ": with k = 0 the result is the broadcast bias, which cuBLASLt cannot produce");

@@ -18,12 +18,12 @@ inline bool epilogue_uses_aux(Epilogue e) {
   return epilogue_writes_aux(e) || epilogue_reads_aux(e);
 }
 
-// Whether cuBLASLt's bias-gradient epilogue (kBgrad, BGRADB) gives a right result for this dtype
-// and n (our D's columns: the local input features of a wgrad). Not for float16 with n = 1: on
-// H200 with CUDA 13.0's cuBLASLt it writes the first of the m gradient elements only, with the
-// heuristic's first choice as with others (tests/cpp GemmGpu.BiasGradientOfThinWgradGemms);
-// bfloat16, float32 and n >= 2 were right. validate_matmul rejects that case; callers sum the
-// bias gradient separately there.
+// Whether matmul() gives the bias gradient (kBgrad, BGRADB) of a problem with n columns (our D's:
+// the local input features of a wgrad) in this dtype. Not with n = 0: no GEMM runs, and nothing
+// would write it. Not for float16 with n = 1: on H200 with CUDA 13.0's cuBLASLt it writes the
+// first of the m gradient elements only, with the heuristic's first choice as with others (tests/cpp
+// GemmGpu.BiasGradientOfThinWgradGemms); bfloat16, float32 and n >= 2 were right. validate_matmul
+// rejects both; callers sum the bias gradient separately there.
 bool bgrad_epilogue_supported(DataType dtype, int64_t n);
 
 // Elements in bgrad: m for kBgrad (one per row of op(A)), n for kDGeluBgrad (one per column

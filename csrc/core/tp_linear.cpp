@@ -185,9 +185,10 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
   if (a.db != nullptr && a.dw == nullptr)
     throw_invalid_argument(std::string(where) + ": db: the bias gradient rides on the weight-gradient GEMM; pass dw too");
   if (a.db != nullptr && !bgrad_epilogue_supported(a.dtype, a.k))  // before the dgrad GEMM is enqueued
-    throw_invalid_argument(std::string(where) +
-                           ": db: cuBLASLt's bias-gradient epilogue is wrong for float16 with k = 1 input "
-                           "feature; pass db = nullptr and sum dy's rows instead");
+    throw_invalid_argument(std::string(where) + ": db: the wgrad GEMM cannot give the bias gradient with k = " +
+                           std::to_string(a.k) + " input features in " + dtype_name(a.dtype) +
+                           " (none for k = 0; cuBLASLt's epilogue is wrong for float16 with k = 1); "
+                           "pass db = nullptr and sum dy's rows instead");
   const bool reduces_dx = comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0;
   check_comm_sms(std::string(where) + ": ", a.comm_sms);  // checked even where no collective runs
   // The wgrad GEMM runs beside the dx all-reduce (when there is one to run beside).

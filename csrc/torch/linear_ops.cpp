@@ -194,11 +194,11 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   at::Tensor dx = need_input_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor dw = need_weight_grad ? at::empty_like(weight) : at::empty({0}, input.options());
   at::Tensor db = bias_grad ? at::empty({n}, input.options()) : at::empty({0}, input.options());
-  // The bias gradient rides on the wgrad GEMM's epilogue, except where that gives none: an empty
-  // shard (k = 0: no GEMM runs) and float16 with one input feature (core::bgrad_epilogue_supported).
+  // The bias gradient rides on the wgrad GEMM's epilogue, except where that gives none
+  // (core::bgrad_epilogue_supported: an empty shard, k = 0, and float16 with one input feature).
   // There torch sums grad_out's rows (in float32 for float16, as the epilogue does).
   const core::DataType dtype = gemm_dtype(input, op);
-  const bool db_by_sum = bias_grad && (k == 0 || !core::bgrad_epilogue_supported(dtype, k));
+  const bool db_by_sum = bias_grad && !core::bgrad_epilogue_supported(dtype, k);
   auto sum_db = [&, m = m, n = n] {
     if (db_by_sum) at::sum_out(db, grad_out.reshape({m, n}), 0);
   };

@@ -288,7 +288,8 @@ TEST(GemmValidation, AccumulateOnlyWhereItMeansDPlusResult) {
 }
 
 // cuBLASLt's BGRADB writes one element of m for float16 with n = 1 (GemmGpu.BiasGradientOfThin-
-// WgradGemms shows it on a GPU): rejected there, before any CUDA call; the neighbours stay valid.
+// WgradGemms shows it on a GPU), and with n = 0 no GEMM runs: both rejected before any CUDA call;
+// the neighbours stay valid.
 TEST(GemmValidation, BgradRejectsOneColumnInFloat16) {
   MatmulDesc d = valid_desc(Epilogue::kBgrad);
   d.n = 1;
@@ -302,6 +303,12 @@ TEST(GemmValidation, BgradRejectsOneColumnInFloat16) {
   d.dtype = DataType::kFloat16;
   d.n = 2;
   expect_valid(d, pointers_for(Epilogue::kBgrad));
+  for (DataType dt : {DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16}) {  // no column: no GEMM runs
+    d.dtype = dt;
+    d.n = 0;
+    expect_rejected(d, pointers_for(Epilogue::kBgrad), "n");
+    EXPECT_FALSE(bgrad_epilogue_supported(dt, 0));
+  }
   MatmulDesc plain = d;  // the same GEMM without the epilogue is fine at n = 1
   plain.n = 1;
   plain.epilogue = Epilogue::kNone;

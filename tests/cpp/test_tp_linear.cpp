@@ -105,8 +105,8 @@ TEST(RowPlan, ColumnBlocksForFewTokensRowPiecesForManyOneWhenLatencyBound) {
   }
 }
 
-// float16 with one input feature: the bias gradient cannot ride on the wgrad GEMM (cuBLASLt's
-// BGRADB writes one element there, see bgrad_epilogue_supported), so db is refused before anything
+// float16 with one input feature, and any dtype with none: the bias gradient cannot ride on the
+// wgrad GEMM (cuBLASLt's BGRADB writes one element; no GEMM runs), so db is refused before anything
 // is enqueued: fake pointers and no stream, and still an InvalidArgument naming db, not a CUDA error.
 TEST(LinearBackwardArgs, RefusesTheBiasGradientOfOneFloat16Feature) {
   LinearBackward a;
@@ -122,6 +122,16 @@ TEST(LinearBackwardArgs, RefusesTheBiasGradientOfOneFloat16Feature) {
     ADD_FAILURE() << "db for float16 with k = 1 was accepted";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("linear_backward: db:"), std::string::npos) << e.what();
+  }
+  a.k = 0;
+  for (DataType dt : {DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16}) {
+    a.dtype = dt;
+    try {
+      linear_backward(nullptr, a, Workspace{nullptr, 0}, nullptr);
+      ADD_FAILURE() << "db with k = 0 was accepted in " << dtype_name(dt);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("linear_backward: db:"), std::string::npos) << e.what();
+    }
   }
 }
 
