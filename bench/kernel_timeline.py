@@ -3,9 +3,10 @@ torch.profiler: which kernels ran when, on which stream, with which grid, and ho
 kernels' time ran under a GEMM. The profile behind bench/NOTES.md's overlap diagnosis (nsys does
 not run on the lent GPU boxes).
 
-    torchrun --nproc-per-node 2 bench/kernel_timeline.py [--overlap-sms 16] [-M 4096] [--trace-dir DIR]
+    torchrun --nproc-per-node 2 bench/kernel_timeline.py [--overlap-sms 16] [-M 4096] [--chunk-by rows]
+        [--trace-dir DIR]
 
---overlap-sms N also caps tpext's NCCL collectives at N CTAs (tpext.init(nccl_max_ctas=N)). Per M and mode
+--overlap-sms N also caps tpext's overlapped NCCL collectives at N CTAs (tpext.init(nccl_overlap_ctas=N)). Per M and mode
 (fwd, fwd+bwd): 5 warm-up steps, then 3 profiled steps separated by idle gaps; the last one is
 reported: a summary line per rank, and rank 0's kernels one per line (start and duration in us from
 the step's first kernel). --trace-dir keeps rank 0's Chrome traces (gzip).
@@ -80,16 +81,19 @@ def describe(step_records, rank: int, label: str, listing: bool) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--overlap-sms", type=int, default=0,
-                   help="tpext.set_overlap_sms for the run, and the cap of tpext's NCCL CTAs (nccl_max_ctas)")
+                   help="tpext.set_overlap_sms for the run, and the CTA cap of the collectives beside a GEMM "
+                        "(nccl_overlap_ctas)")
     p.add_argument("-M", "--tokens", default="4096", help="comma list of token counts")
     p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
+                   help="how fc2 (row-parallel) cuts its GEMM into pieces beside their all-reduces")
     p.add_argument("--trace-dir", help="keep rank 0's Chrome traces here (gzip)")
     args = p.parse_args()
-    tp = tpext.init(backend="nccl", nccl_max_ctas=args.overlap_sms or None)
+    tp = tpext.init(backend="nccl", nccl_overlap_ctas=args.overlap_sms or None)
     tpext.set_overlap_sms(args.overlap_sms)
     torch.manual_seed(1234)
     mlp = tpext.ParallelMLP(8192, 28672, activation="gelu", bias=True, group=tp, device=tp.device,
-                            dtype=torch.bfloat16)
+                            dtype=torch.bfloat16, chunk_by=args.chunk_by)
     with torch.no_grad():
         for param in mlp.parameters():
             param.normal_(0, 0.01)  # random, never zeros
@@ -105,11 +109,12 @@ def main():
                 step()
             torch.cuda.synchronize()
             keep = args.trace_dir and tp.rank == 0
-            trace = os.path.join(args.trace_dir, f"trace-sms{args.overlap_sms}-M{m}-{mode}.json") if keep else None
+            name = f"trace-sms{args.overlap_sms}-{args.chunk_by}-M{m}-{mode}.json"
+            trace = os.path.join(args.trace_dir, name) if keep else None
             if keep:
                 os.makedirs(args.trace_dir, exist_ok=True)
             steps = profiled_steps(step, tp, trace_path=trace)
-            label = f"overlap_sms={args.overlap_sms} (NCCL CTAs capped alike) M={m} {mode}"
+            label = f"overlap_sms={args.overlap_sms} (overlapped NCCL CTAs capped alike) chunk_by={args.chunk_by} M={m} {mode}"
             print(describe(steps[-1], tp.rank, label, listing=tp.rank == 0), flush=True)
             if trace:
                 with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as out:

@@ -91,13 +91,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--overlap-sms", type=int, default=0,
                    help="tpext.set_overlap_sms for the run: SMs the GEMMs beside a collective leave to it "
-                        "(0: cuBLASLt's choice); pair with --nccl-max-ctas N")
+                        "(0: cuBLASLt's choice); pair with --nccl-overlap-ctas N")
     p.add_argument("--nccl-max-ctas", type=int, default=None,
                    help="tpext.init(nccl_max_ctas=N): cap the CTAs of tpext's NCCL collectives only "
-                        "(NCCL_MAX_CTAS in the environment would cap the peers' too); pair with --overlap-sms N")
+                        "(NCCL_MAX_CTAS in the environment would cap the peers' too), those that run alone too")
+    p.add_argument("--nccl-overlap-ctas", type=int, default=None,
+                   help="tpext.init(nccl_overlap_ctas=N): cap only the collectives tpext runs beside its GEMMs "
+                        "(a second communicator); pair with --overlap-sms N")
     p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
                    help="how tpext's row-parallel layers cut their output into pipelined pieces "
-                        "(RowParallelLinear chunk_by; default auto: columns for few tokens, rows for many)")
+                        "(RowParallelLinear chunk_by; default auto: rows, the count from the size)")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -146,7 +149,7 @@ def _choices(text: str, flag: str, allowed) -> List[str]:
 # -- set-up ------------------------------------------------------------------------------------
 
 
-def init(smoke: bool, nccl_max_ctas=None):
+def init(smoke: bool, nccl_max_ctas=None, nccl_overlap_ctas=None):
     """The default process group is gloo for CPU tensors and NCCL for CUDA ones
     ('cpu:gloo,cuda:nccl'): the metadata, barriers and statistics go through gloo, and
     megatron-core's groups (created with the default backend) get NCCL. tpext brings its own
@@ -158,7 +161,8 @@ def init(smoke: bool, nccl_max_ctas=None):
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-    tp = tpext.init(backend="nccl" if use_cuda else "gloo", nccl_max_ctas=nccl_max_ctas)
+    tp = tpext.init(backend="nccl" if use_cuda else "gloo", nccl_max_ctas=nccl_max_ctas,
+                    nccl_overlap_ctas=nccl_overlap_ctas)
     torch_group = dist.new_group(backend="nccl" if use_cuda else "gloo")
     cpu_group = dist.new_group(backend="gloo")
     device = tp.device if use_cuda else torch.device("cpu")
@@ -581,7 +585,7 @@ def format_goals(g) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas)
+    tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas, args.nccl_overlap_ctas)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
                         torch_group=torch_group, chunk_by=args.chunk_by)

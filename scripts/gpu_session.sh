@@ -64,16 +64,16 @@ if has bench-allreduce && [ "$ngpu" -ge 2 ]; then
   stamp "bench allreduce done"
 fi
 if has profile && [ "$ngpu" -ge 2 ]; then
-  for c in 0 16; do  # --overlap-sms c also caps tpext's NCCL CTAs at c
+  for c in 0 16; do  # --overlap-sms c also caps tpext's overlapped NCCL collectives at c CTAs
     timeout 90 $RUN bench/kernel_timeline.py --overlap-sms "$c" -M 4096 --trace-dir "$OUT" > "$OUT/profile-sms$c.log" 2>&1
     echo "profile overlap-sms $c rc=$?"; grep -E "^== " "$OUT/profile-sms$c.log"
   done
   stamp "profile done"
 fi
 best=0
-# The carve-out pairs the GEMMs' SM target with a cap on tpext's own NCCL CTAs (tpext.init's
-# nccl_max_ctas); the peers' NCCL keeps its defaults.
-ctas_arg() { if [ "$1" != 0 ]; then echo "--nccl-max-ctas $1"; fi; }
+# The carve-out pairs the GEMMs' SM target with a cap on the CTAs of tpext's collectives that run
+# beside those GEMMs (tpext.init's nccl_overlap_ctas); the rest, and the peers' NCCL, keep NCCL's.
+ctas_arg() { if [ "$1" != 0 ]; then echo "--nccl-overlap-ctas $1"; fi; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
   for c in ${SWEEP:-0 8 16 32}; do

@@ -16,7 +16,7 @@ import torch
 
 import tpext
 from _dist import launch
-from _gpus import GPU_WORLDS, gpu_case
+from _gpus import GPU_WORLDS, gpu_case, gpu_worlds
 from _reference import seed_of
 from test_layers import (SIZES, assert_close_rel, assert_counts, check_fresh_init, check_layers,
                          check_mappings, check_row, full_linear, full_tensor)
@@ -182,6 +182,35 @@ def parity_body(tp_size=None):
                          [gpu_case(8, 4, id="8gpu-tp4")])
 def test_layers_and_mlp_match_the_full_model_on_gpu(gpus, tp_size):
     launch(parity_body, gpus, args=(tp_size,), timeout_s=GPU_TIMEOUT_S)
+
+
+def capped_overlap_body():
+    """tpext.init(nccl_overlap_ctas=2) with set_overlap_sms(2): the collectives beside a GEMM (row
+    pieces before the last, the column-parallel dx beside wgrad) go through a second NCCL
+    communicator capped at 2 CTAs, interleaved on one stream with the uncapped one's. Pipelined
+    row-parallel forwards and the MLPs' every gradient still match the full model."""
+    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    tp = tpext.init(tp_size=world, backend="nccl", timeout=120, nccl_overlap_ctas=2)
+    device = torch.device("cuda", local_rank)
+    torch.set_float32_matmul_precision("highest")
+    tag = f"gpu/w{world}/tp{tp.size}/overlap-ctas2"
+    for g in (tp, tpext.get_world_group()):
+        got = tpext._C.comm_overlap_max_ctas(g._nccl)
+        assert got == (2 if g.size > 1 else -1), f"{g.name}: capped twin {got}, expected 2 on {g.size} ranks"
+    tpext.set_overlap_sms(2)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_row_chunks(tp, device, tag, dtype)
+        check_mlps(tp, device, tag, sizes=GPU_MLP_SIZES)
+    finally:
+        tpext.set_overlap_sms(0)
+    tpext.destroy()
+    assert tpext._C.live_handles() == [], f"communicators left after destroy: {tpext._C.live_handles()}"
+
+
+@pytest.mark.parametrize("gpus", gpu_worlds(2, 4, 8))
+def test_layers_with_a_capped_communicator_for_overlapped_collectives(gpus):
+    launch(capped_overlap_body, gpus, timeout_s=GPU_TIMEOUT_S)
 
 
 # -- CUDA graphs ---------------------------------------------------------------------------------

@@ -65,8 +65,17 @@ def _env_int(name: str, default: Optional[int]) -> int:
         raise ValueError(f"init: environment variable {name}: expected an integer, got {raw!r}") from None
 
 
+def _check_ctas(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"init: {name}: expected None or an int, got {type(value).__name__}")
+    if value is not None and not 1 <= value <= MAX_NCCL_CTAS:
+        raise ValueError(f"init: {name}: expected None (NCCL's choice) or an int in [1, {MAX_NCCL_CTAS}] "
+                         f"(NCCL's channel limit), got {value}")
+
+
 def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta] = 600.0,
-         backend: str = "auto", *, nccl_max_ctas: Optional[int] = None) -> Group:
+         backend: str = "auto", *, nccl_max_ctas: Optional[int] = None,
+         nccl_overlap_ctas: Optional[int] = None) -> Group:
     """Initialises tpext in this process and returns the TP group.
 
     tp_size: ranks per tensor-parallel group; must divide the world size (default: all ranks).
@@ -78,6 +87,12 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
         the GEMMs running beside a collective keep the rest. Unlike NCCL_MAX_CTAS in the
         environment it leaves other NCCL users of the process (torch.distributed) alone. Ignored
         where no NCCL communicator is made (gloo).
+    nccl_overlap_ctas: the most CTAs of the collectives tpext runs beside its own GEMMs (a
+        row-parallel piece's all-reduce while the next piece multiplies, the column-parallel dx
+        all-reduce beside the weight-gradient GEMM); pair it with tpext.set_overlap_sms(n). They
+        go through a second NCCL communicator capped at n, so the collectives that run alone (a
+        single piece, the last one, every plain collective) keep all the CTAs NCCL wants: capping
+        those only adds exposed time (bench/NOTES.md). None: no second communicator.
 
     Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), alongside a
     torch.distributed process group the caller already initialised, and in a plain single process.
@@ -88,11 +103,8 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     if backend not in _BACKENDS:
         raise ValueError(f"init: backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
     timeout_s = _seconds(timeout)
-    if nccl_max_ctas is not None and (not isinstance(nccl_max_ctas, int) or isinstance(nccl_max_ctas, bool)):
-        raise TypeError(f"init: nccl_max_ctas: expected None or an int, got {type(nccl_max_ctas).__name__}")
-    if nccl_max_ctas is not None and not 1 <= nccl_max_ctas <= MAX_NCCL_CTAS:
-        raise ValueError(f"init: nccl_max_ctas: expected None (NCCL's choice) or an int in [1, {MAX_NCCL_CTAS}] "
-                         f"(NCCL's channel limit), got {nccl_max_ctas}")
+    _check_ctas("nccl_max_ctas", nccl_max_ctas)
+    _check_ctas("nccl_overlap_ctas", nccl_overlap_ctas)
 
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -158,7 +170,8 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     world_h = tp_h = dp_h = None
     if use_nccl:
         try:
-            world_h = _create_world_communicator(rank, world_size, device.index, timeout_s, nccl_max_ctas)
+            world_h = _create_world_communicator(rank, world_size, device.index, timeout_s, nccl_max_ctas,
+                                                 nccl_overlap_ctas)
             handles.append(world_h)
             tp_h = _C.comm_split(world_h, rank // tp_size, rank % tp_size, "tp", timeout_s)
             handles.insert(0, tp_h)
@@ -197,15 +210,16 @@ def _env_store(rank: int, world_size: int, td: datetime.timedelta):
 
 
 def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float,
-                               max_ctas: Optional[int]) -> int:
-    """The world's NCCL communicator; the TP and DP ones are split from it and inherit max_ctas."""
+                               max_ctas: Optional[int], overlap_ctas: Optional[int]) -> int:
+    """The world's NCCL communicator; the TP and DP ones are split from it and inherit both caps."""
     store = dist.distributed_c10d._get_default_store()
     key = f"tpext/{_generation}/nccl_unique_id"
     if rank == 0:
         store.set(key, _C.unique_id())
     uid = store.get(key)  # blocks until rank 0 has published it, up to the store's timeout
     return _C.comm_create(uid, rank, world_size, device, "world", timeout_s,
-                          max_ctas=-1 if max_ctas is None else max_ctas)
+                          max_ctas=-1 if max_ctas is None else max_ctas,
+                          overlap_max_ctas=-1 if overlap_ctas is None else overlap_ctas)
 
 
 def _destroy_gloo(groups, owns_default_pg: bool) -> None:

@@ -263,8 +263,9 @@ class RowParallelLinear(nn.Module):
         while the next one's GEMM runs; 0 picks the count from the problem size. chunk_by "rows"
         cuts the tokens (for many tokens, where the GEMMs are compute-bound), "columns" the output
         features (for few tokens, where each GEMM is bound by reading its slice of the weights,
-        which row pieces would re-read), "auto" (default) lets the size decide. The result does not
-        depend on either, beyond rounding.
+        which row pieces would re-read), "auto" (default) row pieces with the count from the size
+        (column blocks measured slower on H200: their GEMMs fall to split-K kernels; bench/NOTES.md).
+        The result does not depend on either, beyond rounding.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,

@@ -12,9 +12,11 @@ crawls (bench/corun_probe.py on one H100: the pair took 1.19-1.44 x the two in s
 set_overlap_sms(n), only those GEMMs are sized for n fewer SMs (cuBLASLt's SM count target),
 leaving room for NCCL's kernel (the same probe: a side kernel of n CTAs then runs wholly under the
 GEMM, the pair taking 0.75 x the series at n = 8 and 0.88 x at 16, while the GEMM itself is 9-12 %
-slower); pair it with NCCL's own CTA limit, tpext.init(nccl_max_ctas=n)
-(or NCCL_MAX_CTAS=n in the environment, which caps every NCCL user of the process), so that NCCL
-asks for no more. 0, the default, leaves both to the libraries. Whether
+slower); pair it with tpext.init(nccl_overlap_ctas=n), which caps at n CTAs only the collectives
+that run beside those GEMMs (through a second NCCL communicator), so that NCCL asks for no more
+there while the collectives that run alone keep every CTA (capping those, as nccl_max_ctas or
+NCCL_MAX_CTAS in the environment do, only lengthens exposed time: 67 against 39 us for a 4 MiB
+all-reduce at 8 CTAs on 2 H200s). 0, the default, leaves both to the libraries. Whether
 it pays depends on the sizes: bench/mlp.py --overlap-sms measures it (bench/NOTES.md).
 
 The setting is process-wide and read when an op is enqueued: a CUDA graph keeps the value it was

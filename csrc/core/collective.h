@@ -28,6 +28,10 @@ struct Collective {
   DataType dtype = DataType::kFloat32;
   ReduceOp op = ReduceOp::kSum;
   int root = 0;
+  // Runs beside a GEMM of the caller's (a row-parallel piece before the last, the column-parallel
+  // dx beside the wgrad GEMM): goes through the CTA-capped twin when the communicator has one
+  // (CommOptions::overlap_max_ctas). The others run alone and take every CTA NCCL wants.
+  bool beside_gemm = false;
 };
 
 // Throws InvalidArgument naming the field when `c` cannot run on a communicator of `comm_size`.

@@ -1,5 +1,6 @@
 #include "communicator.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "device_guard.h"
@@ -28,12 +29,15 @@ std::string nccl_message(const char* what, const std::string& where, ncclResult_
   return msg;
 }
 
-ncclConfig_t make_config(const CommOptions& opts, bool blocking = false) {
+// max_ctas > 0 overrides opts.max_ctas (the capped twin for collectives beside a GEMM).
+ncclConfig_t make_config(const CommOptions& opts, bool blocking = false, int max_ctas = -1) {
   ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
   cfg.blocking = blocking ? 1 : 0;
   cfg.commName = opts.name.c_str();
-  if (opts.min_ctas > 0) cfg.minCTAs = opts.min_ctas;
-  if (opts.max_ctas > 0) cfg.maxCTAs = opts.max_ctas;
+  if (max_ctas <= 0) max_ctas = opts.max_ctas;
+  if (max_ctas > 0) cfg.maxCTAs = max_ctas;
+  // NCCL rejects minCTAs above maxCTAs; the capped twin lowers the floor with the cap.
+  if (opts.min_ctas > 0) cfg.minCTAs = max_ctas > 0 ? std::min(opts.min_ctas, max_ctas) : opts.min_ctas;
   if (opts.cga_cluster_size >= 0) cfg.cgaClusterSize = opts.cga_cluster_size;
   return cfg;
 }
@@ -42,6 +46,9 @@ void validate_options(const CommOptions& opts) {
   if (!(opts.timeout_s > 0)) throw_invalid_argument("timeout: expected a positive number of seconds, got " + std::to_string(opts.timeout_s));
   if (opts.min_ctas > 0 && opts.max_ctas > 0 && opts.min_ctas > opts.max_ctas)
     throw_invalid_argument("min_ctas: expected <= max_ctas (" + std::to_string(opts.max_ctas) + "), got " + std::to_string(opts.min_ctas));
+  if (opts.overlap_max_ctas == 0 || opts.overlap_max_ctas < -1)
+    throw_invalid_argument("overlap_max_ctas: expected a positive number of CTAs or -1 (no capped twin), got " +
+                           std::to_string(opts.overlap_max_ctas));
 }
 
 // Waits until a freshly created (or split) communicator finished its non-blocking init; on error or
@@ -96,8 +103,9 @@ int nccl_runtime_version() {
   return v;
 }
 
-Communicator::Communicator(ncclComm_t comm, ncclComm_t ctl, int rank, int size, int device, const CommOptions& opts)
-    : comm_(comm), ctl_(ctl), rank_(rank), size_(size), device_(device), opts_(opts) {
+Communicator::Communicator(ncclComm_t comm, ncclComm_t ctl, ncclComm_t overlap, int rank, int size, int device,
+                           const CommOptions& opts)
+    : comm_(comm), ctl_(ctl), overlap_(overlap), rank_(rank), size_(size), device_(device), opts_(opts) {
   DeviceGuard guard(device_);
   int least = 0, greatest = 0;
   TPEXT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -134,26 +142,31 @@ std::unique_ptr<Communicator> Communicator::create(const UniqueId& id, int rank,
 
 std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int size, int device,
                                                   const CommOptions& opts) {
-  ncclComm_t twin = nullptr;
+  ncclComm_t twin = nullptr, overlap = nullptr;
+  // Split from the non-blocking original, the split itself is non-blocking (NCCL takes the
+  // group's mode from the parent) and so bounded by the timeout; the twin blocks afterwards.
+  auto blocking_twin = [&](const char* which, int max_ctas, ncclComm_t* out) {
+    DeviceGuard guard(device);
+    const std::string where = std::string(which) + " of " + describe_rank(opts.name, rank, size, device);
+    ncclConfig_t cfg = make_config(opts, /*blocking=*/true, max_ctas);
+    ncclResult_t r = ncclCommSplit(comm, 0, rank, out, &cfg);
+    if (r != ncclSuccess && r != ncclInProgress) throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
+    const auto deadline = deadline_after(opts.timeout_s);
+    wait_init(comm, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
+    if (*out == nullptr) throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
+    wait_init(*out, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
+  };
   try {
     if (opts.blocking_collectives && size > 1) {
-      // Split from the non-blocking original, the split itself is non-blocking (NCCL takes the
-      // group's mode from the parent) and so bounded by the timeout; the twin blocks afterwards.
-      DeviceGuard guard(device);
-      const std::string where = "the blocking twin of " + describe_rank(opts.name, rank, size, device);
-      ncclConfig_t cfg = make_config(opts, /*blocking=*/true);
-      ncclResult_t r = ncclCommSplit(comm, 0, rank, &twin, &cfg);
-      if (r != ncclSuccess && r != ncclInProgress) throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
-      const auto deadline = deadline_after(opts.timeout_s);
-      wait_init(comm, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
-      if (twin == nullptr) throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
-      wait_init(twin, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
-      return std::unique_ptr<Communicator>(new Communicator(twin, comm, rank, size, device, opts));
+      blocking_twin("the blocking twin", -1, &twin);
+      if (opts.overlap_max_ctas > 0) blocking_twin("the capped twin for overlapped collectives", opts.overlap_max_ctas, &overlap);
+      return std::unique_ptr<Communicator>(new Communicator(twin, comm, overlap, rank, size, device, opts));
     }
-    return std::unique_ptr<Communicator>(new Communicator(comm, nullptr, rank, size, device, opts));
+    return std::unique_ptr<Communicator>(new Communicator(comm, nullptr, nullptr, rank, size, device, opts));
   } catch (...) {
     (void)ncclCommAbort(comm);
     if (twin != nullptr) (void)ncclCommAbort(twin);
+    if (overlap != nullptr) (void)ncclCommAbort(overlap);
     throw;
   }
 }
@@ -204,7 +217,7 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std:
       // wait for the others (and these communicators serve tests and single-process tools).
       CommOptions local = opts;
       local.blocking_collectives = false;
-      out.emplace_back(new Communicator(comms[i], nullptr, i, n, devices[i], local));
+      out.emplace_back(new Communicator(comms[i], nullptr, nullptr, i, n, devices[i], local));
       comms[i] = nullptr;
     }
   } catch (...) {
@@ -422,15 +435,18 @@ void Communicator::watchdog_poll(std::chrono::steady_clock::time_point now) {
                          std::to_string(opts_.timeout_s) + " s): a peer rank may have died. The watchdog aborted the "
                          "communicator.";
       failure_.store(Failure::kTimeout, std::memory_order_release);
-      if (!data_aborted_.exchange(true)) (void)ncclCommAbort(comm_);
+      abort_data_comms();
     }
     return;
   }
   std::unique_lock<std::recursive_mutex> nccl_lock(nccl_mu_, std::try_to_lock);
   if (!nccl_lock.owns_lock() || comm_ == nullptr) return;
-  ncclResult_t state = ncclSuccess;
-  if (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state != ncclSuccess && state != ncclInProgress) {
-    failure_message_ = nccl_message("an earlier collective", describe(), state, comm_) +
+  for (ncclComm_t c : {comm_, overlap_}) {
+    ncclResult_t state = ncclSuccess;
+    if (c == nullptr || ncclCommGetAsyncError(c, &state) != ncclSuccess || state == ncclSuccess ||
+        state == ncclInProgress)
+      continue;
+    failure_message_ = nccl_message("an earlier collective", describe(), state, c) +
                        ". The watchdog aborted the communicator.";
     failure_result_ = state;
     failure_.store(Failure::kNccl, std::memory_order_release);
@@ -483,24 +499,25 @@ void Communicator::enqueue(const Collective& c) {
   }
   ncclResult_t r = ncclSuccess;
   const ncclDataType_t dt = to_nccl(c.dtype);
+  ncclComm_t comm = c.beside_gemm && overlap_ != nullptr ? overlap_ : comm_;
   if (ctl_ != nullptr) host_call_since_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
   switch (c.kind) {
     case CollectiveKind::kAllReduce:
-      r = ncclAllReduce(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm_, stream_);
+      r = ncclAllReduce(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm, stream_);
       break;
     case CollectiveKind::kAllGather:
-      r = ncclAllGather(c.send, c.recv, c.count, dt, comm_, stream_);
+      r = ncclAllGather(c.send, c.recv, c.count, dt, comm, stream_);
       break;
     case CollectiveKind::kReduceScatter:
-      r = ncclReduceScatter(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm_, stream_);
+      r = ncclReduceScatter(c.send, c.recv, c.count, dt, to_nccl(c.op, c.dtype), comm, stream_);
       break;
     case CollectiveKind::kBroadcast:
-      r = ncclBroadcast(c.send, c.recv, c.count, dt, c.root, comm_, stream_);
+      r = ncclBroadcast(c.send, c.recv, c.count, dt, c.root, comm, stream_);
       break;
   }
   host_call_since_.store(0, std::memory_order_release);
   if (r == ncclInProgress) {
-    wait_ready(what);
+    wait_ready(what, comm);
   } else if (r != ncclSuccess) {
     fail(what, r);
   }
@@ -588,7 +605,21 @@ void Communicator::destroy() {
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   if (comm_ == nullptr) return;
   DeviceGuard guard(device_);
-  ncclResult_t r = ncclCommFinalize(comm_);
+  ncclResult_t r = ncclSuccess;
+  if (overlap_ != nullptr) {
+    // Its collectives are ordered on the same stream as comm_'s; finalize flushes them.
+    r = ncclCommFinalize(overlap_);
+    if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommFinalize", r);
+    wait_ready("ncclCommFinalize", overlap_);
+    r = ncclCommDestroy(overlap_);
+    overlap_ = nullptr;
+    if (r != ncclSuccess) {
+      std::string msg = nccl_message("ncclCommDestroy", describe(), r, nullptr);
+      abort_locked();
+      throw NcclError(msg, r);
+    }
+  }
+  r = ncclCommFinalize(comm_);
   if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommFinalize", r);
   wait_ready("ncclCommFinalize");
   r = ncclCommDestroy(comm_);
@@ -626,11 +657,18 @@ void Communicator::abort_locked() noexcept {
   int previous = 0;
   bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
   (void)cudaSetDevice(device_);
-  if (!data_aborted_.exchange(true)) (void)ncclCommAbort(comm_);
+  abort_data_comms();
   if (ctl_ != nullptr) (void)ncclCommAbort(ctl_);
   comm_ = nullptr;
   ctl_ = nullptr;
+  overlap_ = nullptr;
   if (have_previous) (void)cudaSetDevice(previous);
+}
+
+void Communicator::abort_data_comms() noexcept {
+  if (data_aborted_.exchange(true)) return;
+  if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+  if (overlap_ != nullptr) (void)ncclCommAbort(overlap_);
 }
 
 CommStats Communicator::stats() const {

@@ -43,6 +43,13 @@ struct CommOptions {
   // so bounded by timeout_s) on the original, kept for splitting. A host call blocked on the twin
   // is ended by the watchdog's abort once it outlives timeout_s.
   bool blocking_collectives = false;
+  // > 0: collectives marked Collective::beside_gemm go through a second blocking twin whose
+  // ncclConfig.maxCTAs is this, so the GEMM they overlap keeps the other SMs (paired with the
+  // GEMMs' SM target, overlap_sm_target()). A cap on every collective (max_ctas) would also slow
+  // the ones that run alone, whose time is all exposed: on 2 H200s a 4 MiB all-reduce took 67 us
+  // at 8 CTAs against 39 us uncapped. Needs blocking_collectives and more than one rank; else the
+  // marked collectives share the one communicator.
+  int overlap_max_ctas = -1;
 };
 
 struct CommStats {
@@ -112,6 +119,8 @@ class Communicator {
   int device() const { return device_; }
   const std::string& name() const { return opts_.name; }
   const CommOptions& options() const { return opts_; }
+  // The CTA cap of the twin carrying beside_gemm collectives, -1 when they share comm_.
+  int overlap_max_ctas() const { return overlap_ != nullptr ? opts_.overlap_max_ctas : -1; }
   std::string describe() const;  // "communicator 'tp' (rank 1 of 2, cuda:1)"
 
   CommStats stats() const;
@@ -123,9 +132,11 @@ class Communicator {
   void watchdog_poll(std::chrono::steady_clock::time_point now);
 
  private:
-  Communicator(ncclComm_t comm, ncclComm_t ctl, int rank, int size, int device, const CommOptions& opts);
+  Communicator(ncclComm_t comm, ncclComm_t ctl, ncclComm_t overlap, int rank, int size, int device,
+               const CommOptions& opts);
   // Wraps a freshly initialised non-blocking `comm` (rank `rank` of `size`): with
-  // opts.blocking_collectives and size > 1 collectives go to a blocking twin split from it.
+  // opts.blocking_collectives and size > 1 collectives go to a blocking twin split from it (and
+  // with opts.overlap_max_ctas > 0 the beside_gemm ones to a second, capped twin).
   static std::unique_ptr<Communicator> adopt(ncclComm_t comm, int rank, int size, int device, const CommOptions& opts);
   void require_alive(const char* what) const;
   // Polls ncclCommGetAsyncError on `comm` (comm_ when null) until it leaves ncclInProgress;
@@ -137,15 +148,18 @@ class Communicator {
   void track(cudaStream_t caller);
   void retain_in_graph(cudaGraph_t graph);  // the graph being captured on stream_
   void abort_locked() noexcept;
+  // ncclCommAbort on the communicators that carry collectives (comm_, overlap_), once.
+  void abort_data_comms() noexcept;
 
   // Shared with the CUDA user objects that captured graphs hold, which may outlive this object.
   std::shared_ptr<std::atomic<int64_t>> graph_refs_ = std::make_shared<std::atomic<int64_t>>(0);
   ncclComm_t comm_ = nullptr;  // collectives
   ncclComm_t ctl_ = nullptr;   // the non-blocking original, for split; null when comm_ is it
-  // Set once ncclCommAbort ran on comm_ (by the caller, or by the watchdog, which may abort a host
+  ncclComm_t overlap_ = nullptr;  // the capped twin for beside_gemm collectives; null when none
+  // Set once ncclCommAbort ran on comm_ and overlap_ (by the caller, or by the watchdog, which may abort a host
   // call blocked inside NCCL without holding nccl_mu_), so it is never aborted twice.
   std::atomic<bool> data_aborted_{false};
-  // When a blocking NCCL call on comm_ began (steady_clock ticks), 0 when none is in progress.
+  // When a blocking NCCL call on comm_ or overlap_ began (steady_clock ticks), 0 when none is in progress.
   std::atomic<int64_t> host_call_since_{0};
   int rank_;
   int size_;

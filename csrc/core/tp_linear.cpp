@@ -77,7 +77,7 @@ RowPlan plan_row_parallel(int64_t m, int64_t n, DataType dtype, int world_size, 
     plan.pieces = chunks;
   } else if (world_size <= 1 || bytes < (int64_t{1} << 20)) {
     plan.pieces = 1;
-  } else if (axis == PieceAxis::kColumns || (axis == PieceAxis::kAuto && m < 512)) {
+  } else if (axis == PieceAxis::kColumns) {
     plan.axis = PieceAxis::kColumns;
     plan.pieces = bytes < (int64_t{2} << 20) ? 2 : 4;
     while (plan.pieces > 1 && n / plan.pieces < 256) --plan.pieces;
@@ -98,10 +98,11 @@ namespace {
 
 // One piece of the row-parallel forward: out[rows, cols] = x[rows, k] · w[cols, k]^T (+ bias[cols])
 // on the caller's stream, then its all-reduce in place on the comm stream. sm_target: the SMs the
-// GEMM may use (0: all), fewer when it runs beside the previous piece's all-reduce.
+// GEMM may use (0: all), fewer when it runs beside the previous piece's all-reduce. beside_gemm:
+// the next piece's GEMM runs beside this all-reduce (every piece but the last).
 void gemm_then_all_reduce(Communicator& comm, const RowParallelForward& a, int64_t rows, int64_t cols,
-                          const void* x, const void* w, void* out, const void* bias, int sm_target, Workspace ws,
-                          cudaStream_t caller) {
+                          const void* x, const void* w, void* out, const void* bias, int sm_target, bool beside_gemm,
+                          Workspace ws, cudaStream_t caller) {
   MatmulDesc d;
   d.m = rows;
   d.n = cols;
@@ -124,6 +125,7 @@ void gemm_then_all_reduce(Communicator& comm, const RowParallelForward& a, int64
   c.recv = out;
   c.count = static_cast<size_t>(rows * cols);
   c.dtype = a.dtype;
+  c.beside_gemm = beside_gemm;
   comm.enqueue(c);
 }
 
@@ -159,9 +161,12 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     chunk_rows(by_columns ? a.n : a.m, plan.pieces, i, &b, &e);  // rows, or the same cut along the columns
     if (e <= b) continue;
     const int sm_target = i > 0 && comm.size() > 1 ? beside_sms : 0;
+    int64_t next_b = 0, next_e = 0;  // the last non-empty piece's all-reduce runs alone
+    if (i + 1 < plan.pieces) chunk_rows(by_columns ? a.n : a.m, plan.pieces, i + 1, &next_b, &next_e);
+    const bool beside_gemm = next_e > next_b;
     if (!by_columns) {
       gemm_then_all_reduce(comm, a, e - b, a.n, offset(a.x, b * a.k, a.dtype), a.w, offset(a.y, b * a.n, a.dtype),
-                           with_bias ? a.bias : nullptr, sm_target, ws, caller);
+                           with_bias ? a.bias : nullptr, sm_target, beside_gemm, ws, caller);
       continue;
     }
     // Column block [b, e): its rows of w are contiguous; it lands packed [m, e-b] in the scratch
@@ -170,7 +175,7 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     const int64_t cols = e - b;
     void* block = offset(a.scratch, a.m * b, a.dtype);
     gemm_then_all_reduce(comm, a, a.m, cols, a.x, offset(a.w, b * a.k, a.dtype), block,
-                         with_bias ? offset(a.bias, b, a.dtype) : nullptr, sm_target, ws, caller);
+                         with_bias ? offset(a.bias, b, a.dtype) : nullptr, sm_target, beside_gemm, ws, caller);
     TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(offset(a.y, b, a.dtype), static_cast<size_t>(a.n) * es, block,
                                        static_cast<size_t>(cols) * es, static_cast<size_t>(cols) * es,
                                        static_cast<size_t>(a.m), cudaMemcpyDeviceToDevice, comm.stream()));
@@ -217,6 +222,7 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
       c.recv = a.dx;
       c.count = static_cast<size_t>(a.m * a.k);
       c.dtype = a.dtype;
+      c.beside_gemm = a.dw != nullptr && a.n > 0;  // the wgrad GEMM below runs beside it
       comm->enqueue(c);
     }
   }

@@ -36,12 +36,14 @@ struct RowPlan {
 };
 
 // The cut for y[m,n] of `dtype` on `world_size` ranks. chunks > 0 fixes the piece count (rows when
-// axis is kAuto, as before column blocks existed); chunks == 0 chooses it: one piece on one rank
-// or below 1 MiB of output (the all-reduce is latency: pipelining would only add launches); column
-// blocks while m < 512 (the GEMM reads its weights at under ~500 flops a byte, memory-bound on
-// H100/H200), 2 below 2 MiB else 4, each of >= 256 columns; else choose_row_chunks. Pieces are
-// clamped to multiples of 8 rows/columns; one column block is the same as one row piece and is
-// reported as rows. Throws InvalidArgument for chunks < 0.
+// axis is kAuto); chunks == 0 chooses it: one piece on one rank or below 1 MiB of output (the
+// all-reduce is latency: pipelining would only add launches); with axis kColumns, 2 column blocks
+// below 2 MiB else 4, each of >= 256 columns; else row pieces from choose_row_chunks. kAuto never
+// picks column blocks: measured on 2 H200s (bench/NOTES.md, ee917f2) the mlp-8192 fc2 at 128-1024
+// tokens was 7-63 % slower in 4 column blocks than in one piece, because a block's GEMM (e.g.
+// 256 x 2048 x 14336) falls to split-K kernels whose sum is ~2x the whole GEMM's time, more than
+// the hidden all-reduce saves. Pieces are clamped to multiples of 8 rows/columns; one column block
+// is the same as one row piece and is reported as rows. Throws InvalidArgument for chunks < 0.
 RowPlan plan_row_parallel(int64_t m, int64_t n, DataType dtype, int world_size, int chunks, PieceAxis axis);
 
 // Bytes of scratch row_parallel_forward needs under `plan`: m*n elements for column blocks, else 0.

@@ -21,8 +21,9 @@ namespace core = tpext::core;
 namespace {
 
 core::CommOptions make_options(const std::string& name, double timeout_s, int min_ctas, int max_ctas,
-                               bool blocking_collectives) {
+                               bool blocking_collectives, int overlap_max_ctas) {
   core::CommOptions o;
+  o.overlap_max_ctas = overlap_max_ctas;
   o.blocking_collectives = blocking_collectives;
   o.name = name;
   o.timeout_s = timeout_s;
@@ -73,21 +74,24 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "comm_create",
       [](py::bytes uid, int rank, int size, int device, const std::string& name, double timeout_s, int min_ctas,
-         int max_ctas, bool blocking_collectives) {
+         int max_ctas, bool blocking_collectives, int overlap_max_ctas) {
         std::string raw = uid;
         if (raw.size() != NCCL_UNIQUE_ID_BYTES)
           throw core::InvalidArgument("uid: expected " + std::to_string(NCCL_UNIQUE_ID_BYTES) +
                                       " bytes from tpext._C.unique_id(), got " + std::to_string(raw.size()));
         core::UniqueId id;
         std::copy(raw.begin(), raw.end(), id.begin());
-        auto opts = make_options(name, timeout_s, min_ctas, max_ctas, blocking_collectives);
+        auto opts = make_options(name, timeout_s, min_ctas, max_ctas, blocking_collectives, overlap_max_ctas);
         py::gil_scoped_release no_gil;  // waits for the other ranks
         return register_communicator(core::Communicator::create(id, rank, size, device, opts));
       },
       py::arg("uid"), py::arg("rank"), py::arg("size"), py::arg("device"), py::arg("name") = "world",
       py::arg("timeout_s") = 600.0, py::arg("min_ctas") = -1, py::arg("max_ctas") = -1,
       // Inline launches (see CommOptions::blocking_collectives); False for a fully non-blocking comm.
-      py::arg("blocking_collectives") = true);
+      py::arg("blocking_collectives") = true,
+      // > 0: a second twin capped at this many CTAs carries the collectives tpext overlaps with
+      // its own GEMMs (CommOptions::overlap_max_ctas); split children inherit it.
+      py::arg("overlap_max_ctas") = -1);
 
   m.def(
       "comm_split",
@@ -158,6 +162,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("handle"));
 
+  m.def(
+      "comm_overlap_max_ctas",
+      [](int64_t handle) { return lookup_communicator(handle, "comm_overlap_max_ctas")->overlap_max_ctas(); },
+      py::arg("handle"), "CTA cap of the twin that carries overlapped collectives; -1 when there is none");
   m.def("comm_stats", [](int64_t handle) { return stats_dict(lookup_communicator(handle, "comm_stats")->stats()); },
         py::arg("handle"));
   m.def("comm_reset_stats", [](int64_t handle) { lookup_communicator(handle, "comm_reset_stats")->reset_stats(); },

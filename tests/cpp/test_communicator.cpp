@@ -118,6 +118,13 @@ TEST(CommunicatorHost, CreateRejectsBadOptions) {
   const std::string msg = message_of([&] { Communicator::create(id, 0, 1, 0, opts); });
   EXPECT_THROW(Communicator::create(id, 0, 1, 0, opts), InvalidArgument);
   EXPECT_TRUE(contains(msg, "min_ctas: expected <= max_ctas (4), got 8")) << msg;
+  for (int bad : {0, -2}) {
+    CommOptions capped = test_options("bad");
+    capped.overlap_max_ctas = bad;
+    const std::string m = message_of([&] { Communicator::create(id, 0, 1, 0, capped); });
+    EXPECT_THROW(Communicator::create(id, 0, 1, 0, capped), InvalidArgument) << bad;
+    EXPECT_TRUE(contains(m, "overlap_max_ctas: expected a positive number of CTAs or -1")) << m;
+  }
 }
 
 TEST(CommunicatorHost, CreateRejectsBadDevice) {
@@ -398,8 +405,10 @@ TEST(CommunicatorGrouped, StatsCountCallsAndInputBytesPerKind) {
 // =============================================================================================
 
 // Every named collective on communicators created one per thread; with `blocking`, through the
-// blocking twin (CommOptions::blocking_collectives), and then again on a split of it.
-void every_named_collective_per_thread(bool blocking) {
+// blocking twin (CommOptions::blocking_collectives), and then again on a split of it. With
+// overlap_ctas > 0 (CommOptions::overlap_max_ctas) every other collective is marked beside_gemm,
+// so the capped twin carries half of them, interleaved on one stream with the uncapped twin's.
+void every_named_collective_per_thread(bool blocking, int overlap_ctas = -1) {
   const int n = visible_gpu_count();
   const UniqueId id = make_unique_id();
   std::vector<CollectiveCase> cases;
@@ -417,16 +426,26 @@ void every_named_collective_per_thread(bool blocking) {
     // completes because the other threads run it concurrently.
     CommOptions opts = test_options(blocking ? "threads-blocking" : "threads");
     opts.blocking_collectives = blocking;
+    opts.overlap_max_ctas = overlap_ctas;
     auto comm = Communicator::create(id, r, n, r, opts);
     EXPECT_EQ(comm->rank(), r);
     EXPECT_EQ(comm->size(), n);
+    // The capped twin exists only where collectives have a blocking twin to sit beside.
+    EXPECT_EQ(comm->overlap_max_ctas(), blocking && n > 1 && overlap_ctas > 0 ? overlap_ctas : -1);
     Stream s(r);
     uint32_t seed = 500;
+    bool beside = false;
     // Every rank walks the same list in the same order, as NCCL requires.
     for (const auto& c : cases) {
       const auto inputs = tpext::testing::make_inputs(c, n, seed++);
       RankBuffers b(c, r, n, r, inputs[r], s.get());
-      call_named(*comm, b.collective(), s.get());
+      if (overlap_ctas > 0) {
+        Collective col = b.collective();
+        col.beside_gemm = beside = !beside;
+        comm->run(col, s.get());
+      } else {
+        call_named(*comm, b.collective(), s.get());
+      }
       tpext::testing::expect_rank_result(c, r, inputs, b, s.get());
     }
     const CommStats st = comm->stats();
@@ -440,10 +459,13 @@ void every_named_collective_per_thread(bool blocking) {
     auto child = comm->split(0, n - 1 - r, child_opts);
     ASSERT_NE(child, nullptr);
     EXPECT_EQ(child->rank(), n - 1 - r);
+    EXPECT_EQ(child->overlap_max_ctas(), comm->overlap_max_ctas());
     const CollectiveCase c{CollectiveKind::kAllReduce, DataType::kFloat32, ReduceOp::kSum, 0, 4097, false};
     const auto inputs = tpext::testing::make_inputs(c, n, 900);
     RankBuffers b(c, child->rank(), n, r, inputs[child->rank()], s.get());
-    call_named(*child, b.collective(), s.get());
+    Collective col = b.collective();
+    col.beside_gemm = overlap_ctas > 0;
+    child->run(col, s.get());
     tpext::testing::expect_rank_result(c, child->rank(), inputs, b, s.get());
     child->destroy();
     comm->destroy();
@@ -459,6 +481,11 @@ TEST(CommunicatorThreads, CreatePerRankAndEveryNamedCollective) {
 TEST(CommunicatorThreads, BlockingTwinCarriesEveryNamedCollectiveAndSplits) {
   TPEXT_REQUIRE_GPUS(1);
   every_named_collective_per_thread(true);
+}
+
+TEST(CommunicatorThreads, CappedTwinCarriesTheCollectivesBesideAGemm) {
+  TPEXT_REQUIRE_GPUS(1);
+  every_named_collective_per_thread(true, 2);
 }
 
 // =============================================================================================

@@ -1365,7 +1365,8 @@ TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
         const Case c = gemm_case(sh.m, sh.n, sh.k, /*trans_a=*/true, false, dt, e, 0, seed += 10);
         const MatmulDesc resolved = with_resolved_leading_dims(desc_for(c));
         size_t candidates = 1;
-        for (size_t i = 0; i < candidates; ++i)
+        for (size_t i = 0; i < candidates; ++i) {
+          bool candidate_wrong = false;
           for (int runs : {1, 2}) {
             std::string config;
             ::testing::TestPartResultArray failures;
@@ -1382,7 +1383,7 @@ TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
               });
             }
             if (failures.size() == 0) continue;
-            ++wrong_candidates;
+            candidate_wrong = true;
             std::cout << "[cuBLASLt candidate wrong] " << describe_case(c) << " candidate " << i << " of "
                       << candidates << " (" << config << "), " << runs << " run(s): "
                       << failures.GetTestPartResult(0).message() << "\n";
@@ -1393,6 +1394,8 @@ TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
               ADD_FAILURE() << "a wrong algorithm matmul() can run: " << describe_case(c) << " candidate " << i
                             << " (" << config << ")";
           }
+          wrong_candidates += candidate_wrong;  // once per candidate, however many of its runs failed
+        }
         AutotuneScope scope(8);
         if (e == Epilogue::kBgrad && !bgrad_epilogue_supported(dt, sh.n)) {
           expect_rejected(desc_for(c), pointers_for(e), "n");

@@ -61,15 +61,23 @@ TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
   }
 }
 
-TEST(RowPlan, ColumnBlocksForFewTokensRowPiecesForManyOneWhenLatencyBound) {
+TEST(RowPlan, RowPiecesUnlessColumnsAreAskedForOneWhenLatencyBound) {
   const auto bf16 = DataType::kBFloat16;
-  auto plan = plan_row_parallel(256, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 4 MiB, weight-bound GEMM
+  // Automatic: never column blocks (their split-K GEMMs cost more than they hide, bench/NOTES.md).
+  auto plan = plan_row_parallel(256, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 4 MiB: one piece
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
+  EXPECT_EQ(plan.pieces, choose_row_chunks(256, 8192, bf16, 2));
+  EXPECT_EQ(plan.pieces, 1);
+  EXPECT_EQ(row_parallel_scratch_bytes(plan, 256, 8192, bf16), 0u);
+  plan = plan_row_parallel(256, 8192, bf16, 2, 0, PieceAxis::kColumns);  // asked for: 4 blocks
   EXPECT_EQ(plan.axis, PieceAxis::kColumns);
   EXPECT_EQ(plan.pieces, 4);
   EXPECT_EQ(row_parallel_scratch_bytes(plan, 256, 8192, bf16), size_t{256} * 8192 * 2);
-  plan = plan_row_parallel(96, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 1.5 MiB
+  plan = plan_row_parallel(96, 8192, bf16, 2, 0, PieceAxis::kColumns);  // 1.5 MiB
   EXPECT_EQ(plan.axis, PieceAxis::kColumns);
   EXPECT_EQ(plan.pieces, 2);
+  plan = plan_row_parallel(480, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 7.5 MiB, few tokens: rows
+  EXPECT_EQ(plan.axis, PieceAxis::kRows);
   plan = plan_row_parallel(16, 8192, bf16, 2, 0, PieceAxis::kAuto);  // 256 KiB: latency-bound
   EXPECT_EQ(plan.axis, PieceAxis::kRows);
   EXPECT_EQ(plan.pieces, 1);
@@ -80,7 +88,7 @@ TEST(RowPlan, ColumnBlocksForFewTokensRowPiecesForManyOneWhenLatencyBound) {
   plan = plan_row_parallel(256, 8192, bf16, 1, 0, PieceAxis::kAuto);  // nothing to hide on one rank
   EXPECT_EQ(plan.axis, PieceAxis::kRows);
   EXPECT_EQ(plan.pieces, 1);
-  plan = plan_row_parallel(300, 600, bf16, 2, 0, PieceAxis::kAuto);  // blocks keep >= 256 columns
+  plan = plan_row_parallel(300, 600, bf16, 2, 0, PieceAxis::kColumns);  // blocks keep >= 256 columns
   EXPECT_EQ(plan.pieces, 1) << "360 KB";
   plan = plan_row_parallel(400, 600, DataType::kFloat32, 2, 0, PieceAxis::kColumns);  // 960 KB: still one
   EXPECT_EQ(plan.pieces, 1);
