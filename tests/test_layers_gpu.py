@@ -29,9 +29,9 @@ GPU_SIZES = SIZES + ((1, 1), (136, 201))
 GPU_MLP_SIZES = MLP_SIZES + ((136, 201),)
 
 
-def _init(tp_size=None):
+def _init(tp_size=None, **init_kwargs):
     world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    tp = tpext.init(tp_size=tp_size or world, backend="nccl", timeout=120)
+    tp = tpext.init(tp_size=tp_size or world, backend="nccl", timeout=120, **init_kwargs)
     device = torch.device("cuda", local_rank)
     assert tp.device == device and tp._nccl is not None, \
         f"tpext.init gave {tp} on {tp.device}, expected NCCL on {device}"
@@ -189,11 +189,8 @@ def capped_overlap_body():
     pieces before the last, the column-parallel dx beside wgrad) go through a second NCCL
     communicator capped at 2 CTAs, interleaved on one stream with the uncapped one's. Pipelined
     row-parallel forwards and the MLPs' every gradient still match the full model."""
-    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    tp = tpext.init(tp_size=world, backend="nccl", timeout=120, nccl_overlap_ctas=2)
-    device = torch.device("cuda", local_rank)
-    torch.set_float32_matmul_precision("highest")
-    tag = f"gpu/w{world}/tp{tp.size}/overlap-ctas2"
+    tp, device, tag = _init(nccl_overlap_ctas=2)
+    tag += "/overlap-ctas2"
     for g in (tp, tpext.get_world_group()):
         got = tpext._C.comm_overlap_max_ctas(g._nccl)
         assert got == (2 if g.size > 1 else -1), f"{g.name}: capped twin {got}, expected 2 on {g.size} ranks"

@@ -605,33 +605,26 @@ void Communicator::destroy() {
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   if (comm_ == nullptr) return;
   DeviceGuard guard(device_);
-  ncclResult_t r = ncclSuccess;
-  if (overlap_ != nullptr) {
-    // Its collectives are ordered on the same stream as comm_'s; finalize flushes them.
-    r = ncclCommFinalize(overlap_);
+  // The capped twin first (its collectives share comm_'s stream and finalize flushes them), comm_
+  // last: abort_locked() keys on comm_ for whatever is left after a failed destroy.
+  for (ncclComm_t* slot : {&overlap_, &comm_}) {
+    if (*slot == nullptr) continue;
+    ncclResult_t r = ncclCommFinalize(*slot);
     if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommFinalize", r);
-    wait_ready("ncclCommFinalize", overlap_);
-    r = ncclCommDestroy(overlap_);
-    overlap_ = nullptr;
+    wait_ready("ncclCommFinalize", *slot);
+    r = ncclCommDestroy(*slot);
+    *slot = nullptr;
     if (r != ncclSuccess) {
       std::string msg = nccl_message("ncclCommDestroy", describe(), r, nullptr);
+      if (ctl_ != nullptr) (void)ncclCommAbort(ctl_), ctl_ = nullptr;
       abort_locked();
       throw NcclError(msg, r);
     }
   }
-  r = ncclCommFinalize(comm_);
-  if (r != ncclSuccess && r != ncclInProgress) fail("ncclCommFinalize", r);
-  wait_ready("ncclCommFinalize");
-  r = ncclCommDestroy(comm_);
-  comm_ = nullptr;
-  if (r != ncclSuccess) {
-    if (ctl_ != nullptr) (void)ncclCommAbort(ctl_), ctl_ = nullptr;
-    throw NcclError(nccl_message("ncclCommDestroy", describe(), r, nullptr), r);
-  }
   if (ctl_ != nullptr) {
     // The original was only ever split from: nothing outstanding, finalize is immediate.
     ncclComm_t ctl = ctl_;
-    r = ncclCommFinalize(ctl);
+    ncclResult_t r = ncclCommFinalize(ctl);
     if (r == ncclSuccess || r == ncclInProgress) {
       try {
         wait_init(ctl, deadline_after(opts_.timeout_s), "ncclCommFinalize", describe());

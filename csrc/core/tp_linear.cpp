@@ -156,14 +156,15 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   const size_t es = element_size(a.dtype);
 
   DeviceGuard guard(comm.device());
+  const int64_t extent = by_columns ? a.n : a.m;  // rows, or the same cut along the columns
   for (int i = 0; i < plan.pieces; ++i) {
     int64_t b = 0, e = 0;
-    chunk_rows(by_columns ? a.n : a.m, plan.pieces, i, &b, &e);  // rows, or the same cut along the columns
+    chunk_rows(extent, plan.pieces, i, &b, &e);
     if (e <= b) continue;
     const int sm_target = i > 0 && comm.size() > 1 ? beside_sms : 0;
-    int64_t next_b = 0, next_e = 0;  // the last non-empty piece's all-reduce runs alone
-    if (i + 1 < plan.pieces) chunk_rows(by_columns ? a.n : a.m, plan.pieces, i + 1, &next_b, &next_e);
-    const bool beside_gemm = next_e > next_b;
+    // The pieces cover [0, extent) in order, so a piece ending before it has a non-empty successor
+    // whose GEMM runs beside this all-reduce; the last non-empty piece's all-reduce runs alone.
+    const bool beside_gemm = e < extent;
     if (!by_columns) {
       gemm_then_all_reduce(comm, a, e - b, a.n, offset(a.x, b * a.k, a.dtype), a.w, offset(a.y, b * a.n, a.dtype),
                            with_bias ? a.bias : nullptr, sm_target, beside_gemm, ws, caller);
