@@ -101,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
                    help="how tpext's row-parallel layers cut their output into pipelined pieces "
                         "(RowParallelLinear chunk_by; default auto: rows, the count from the size)")
+    p.add_argument("--chunks", type=int, default=0,
+                   help="how many pieces tpext's row-parallel layers cut their output into "
+                        "(RowParallelLinear chunks; default 0: from the size)")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -588,7 +591,7 @@ def main(argv=None) -> int:
     tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas, args.nccl_overlap_ctas)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
-                        torch_group=torch_group, chunk_by=args.chunk_by)
+                        torch_group=torch_group, chunk_by=args.chunk_by, chunks=args.chunks)
     try:
         return run(args, ctx, cpu_group, t_start)
     finally:

@@ -382,6 +382,7 @@ class Context:
     torch_group: dist.ProcessGroup  # NCCL on GPUs, gloo on CPU
     megatron: Optional[object] = None  # megatron_state(); None = not tried yet
     chunk_by: str = "auto"  # tpext's RowParallelLinear pieces (bench/mlp.py --chunk-by)
+    chunks: int = 0  # and how many (bench/mlp.py --chunks; 0: from the size)
 
 
 def _layers(w: Workload, full, make_col, make_row, gelu_fused_mlp=None) -> nn.Module:
@@ -466,13 +467,14 @@ def build_tpext(w, full, ctx) -> System:
 
     def row(W, b):
         m = tpext.RowParallelLinear(W.shape[1], W.shape[0], bias=b is not None, group=tp, device=dev, dtype=dt,
-                                    chunk_by=ctx.chunk_by)
+                                    chunk_by=ctx.chunk_by, chunks=ctx.chunks)
         _load(m, W, b)
         return m
 
     def mlp(w1, b1, w2, b2):
         m = tpext.ParallelMLP(w1.shape[1], w1.shape[0], activation="gelu", bias=b1 is not None, group=tp,
-                              device=dev, dtype=dt, chunk_by=ctx.chunk_by)
+                              device=dev, dtype=dt, chunk_by=ctx.chunk_by,
+                              chunks=ctx.chunks)
         cols = [c for c in m.modules() if isinstance(c, tpext.ColumnParallelLinear)]
         rows = [c for c in m.modules() if isinstance(c, tpext.RowParallelLinear)]
         if len(cols) != 1 or len(rows) != 1:
