@@ -60,9 +60,14 @@ int overlap_sm_target(int device, int comm_sms) {
 int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size) {
   if (world_size <= 1) return 1;
   const int64_t bytes = m * n * static_cast<int64_t>(element_size(dtype));
-  // Below ~8 MiB NCCL's all-reduce is mostly latency: a single piece is cheapest.
-  if (bytes < (int64_t{8} << 20)) return 1;
-  int chunks = bytes < (int64_t{64} << 20) ? 2 : 4;
+  // Each piece after the first runs at a reduced SM target beside the previous all-reduce, and
+  // cuBLASLt's tiles fit that target worse than every SM (~15 % slower per piece on H200); the
+  // pieces only pay where the hidden all-reduce is worth more. Measured on 2 H200s, mlp-8192 fc2
+  // forward (bench/NOTES.md, attempt 8): 16 MiB of output (1024 tokens) was 11 % faster in one
+  // piece than in two, 64 MiB (4096) 5 % faster in two than in 1, 3 or 4, 256 MiB (16384) faster
+  // in four than in eight.
+  if (bytes < (int64_t{32} << 20)) return 1;
+  int chunks = bytes < (int64_t{128} << 20) ? 2 : 4;
   while (chunks > 1 && m / chunks < 128) --chunks;
   return chunks;
 }

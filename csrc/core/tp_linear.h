@@ -93,9 +93,9 @@ void linear_backward(Communicator* comm, const LinearBackward& args, Workspace w
 // alone (the first row piece, dgrad) always get every SM.
 int overlap_sm_target(int device, int comm_sms);
 
-// Pieces for the row-parallel forward: one when the all-reduce is latency-bound (pipelining would
-// only add launches and shrink the GEMMs), more as the output grows so that the exposed tail (the
-// last piece's all-reduce) shrinks. Each piece keeps at least 128 rows: narrower GEMMs lose
+// Pieces for the row-parallel forward: one below 32 MiB of output (the all-reduce it could hide is
+// worth less than the slower GEMMs beside it cost), two below 128 MiB, else four, so that the
+// exposed tail (the last piece's all-reduce) shrinks as the output grows. Each piece keeps at least 128 rows: narrower GEMMs lose
 // tensor-core efficiency faster than the overlap gains.
 int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size);
 

@@ -52,7 +52,13 @@ TEST(RowChunks, PiecesCoverEveryRowOnceOnMultiplesOf8) {
 
 TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
   EXPECT_EQ(choose_row_chunks(256, 8192, DataType::kBFloat16, 2), 1) << "4 MiB output: latency-bound";
+  EXPECT_EQ(choose_row_chunks(1024, 8192, DataType::kBFloat16, 2), 1) << "16 MiB output: one piece measured faster";
+  EXPECT_EQ(choose_row_chunks(2048, 8192, DataType::kBFloat16, 2), 2) << "32 MiB output";
+  EXPECT_EQ(choose_row_chunks(4096, 8192, DataType::kBFloat16, 2), 2) << "64 MiB output";
+  EXPECT_EQ(choose_row_chunks(8192, 8192, DataType::kBFloat16, 2), 4) << "128 MiB output";
   EXPECT_EQ(choose_row_chunks(16384, 8192, DataType::kBFloat16, 2), 4) << "256 MiB output";
+  EXPECT_EQ(choose_row_chunks(300, 32768, DataType::kFloat32, 2), 2) << "37.5 MiB in 300 rows: 2 x 150";
+  EXPECT_EQ(choose_row_chunks(256, 131072, DataType::kFloat32, 2), 2) << "128 MiB in 256 rows: pieces keep >= 128 rows";
   EXPECT_EQ(choose_row_chunks(16384, 8192, DataType::kBFloat16, 1), 1) << "no collective to hide on one rank";
   for (int64_t m : {1, 100, 255, 1000, 4096, 16384, 65536}) {
     const int c = choose_row_chunks(m, 8192, DataType::kBFloat16, 2);
