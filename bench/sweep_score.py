@@ -1,22 +1,37 @@
-"""Reads a bench/mlp.py JSON for scripts/gpu_session.sh.
+"""Reads bench/mlp.py JSONs for scripts/gpu_session.sh.
 
-    python bench/sweep_score.py RESULT.json           # the overlap sweep's score (ms; lower is better)
-    python bench/sweep_score.py --table RESULT.json   # tpext, floor-ops, collectives, exposed per row
+    python bench/sweep_score.py RESULT.json [MORE.json ...]  # the overlap sweep's score (lower is better)
+    python bench/sweep_score.py --table RESULT.json          # tpext, floor-ops, collectives, exposed per row
 
-The score weighs the two fwd+bwd goals of issue 5 alike: tpext's eager M=4096 fwd+bwd time plus a
-quarter of its M=16384 one (about the same size then). Prints nothing, and exits 1, when a row is
-missing (a run that failed or was cut short).
+The score weighs the two fwd+bwd floor goals of issue 5 alike: the mean of tpext / floor-ops at
+eager M=4096 and M=16384 fwd+bwd. Ratios to a floor measured interleaved in the same run, not
+tpext's own times: under the GPUs' power cap the clocks, and with them every absolute time, drift
+by several percent between runs (bench/NOTES.md, attempt 8). Several files (rounds of one setting)
+give the median of their scores. Prints nothing, and exits 1, when a row is missing from any file
+(a run that failed or was cut short).
 """
 import argparse
 import json
+import statistics
 import sys
 
 
-def eager_tpext(rows, m, mode):
+def eager_fwdbwd(rows, system, m):
     for r in rows:
-        if r["system"] == "tpext" and r["M"] == m and r["mode"] == mode and not r["graph"]:
+        if r["system"] == system and r["M"] == m and r["mode"] == "fwdbwd" and not r["graph"]:
             return r["median_ms"]
     return None
+
+
+def score(rows):
+    """Mean of tpext / floor-ops over eager fwd+bwd at M=4096 and 16384; None if a row is missing."""
+    ratios = []
+    for m in (4096, 16384):
+        t, f = eager_fwdbwd(rows, "tpext", m), eager_fwdbwd(rows, "floor-ops", m)
+        if t is None or not f:
+            return None
+        ratios.append(t / f)
+    return sum(ratios) / len(ratios)
 
 
 def table(rows) -> str:
@@ -33,22 +48,24 @@ def table(rows) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json")
-    p.add_argument("--table", action="store_true")
+    p.add_argument("json", nargs="+")
+    p.add_argument("--table", action="store_true", help="print the first file's rows")
     args = p.parse_args()
-    try:
-        with open(args.json) as f:
-            rows = json.load(f)["rows"]
-    except (OSError, ValueError, KeyError) as e:
-        print(f"sweep_score: {args.json}: {e}", file=sys.stderr)
-        return 1
+    files = []
+    for path in args.json:
+        try:
+            with open(path) as f:
+                files.append(json.load(f)["rows"])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"sweep_score: {path}: {e}", file=sys.stderr)
+            return 1
     if args.table:
-        print(table(rows))
+        print(table(files[0]))
         return 0
-    a, b = eager_tpext(rows, 4096, "fwdbwd"), eager_tpext(rows, 16384, "fwdbwd")
-    if a is None or b is None:
+    scores = [score(rows) for rows in files]
+    if None in scores:
         return 1
-    print(f"{a + b / 4:.4f}")
+    print(f"{statistics.median(scores):.4f}")
     return 0
 
 

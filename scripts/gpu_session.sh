@@ -5,7 +5,10 @@
 #   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [profile] [sweep] [chunk-by] [bench-mlp]
 # (default: tests demo bench-allreduce bench-mlp). Environment:
 #   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
-#   SWEEP        overlap SM counts for `sweep` (default "0 8 16 32"); its best goes to bench-mlp
+#   SWEEP        carve-outs for `sweep`: "S" (S SMs left to NCCL, its collectives beside a GEMM capped
+#                at S CTAs) or "S:C" (S SMs, C CTAs); default "0 8 16 32". The best goes to bench-mlp
+#   SWEEP_ROUNDS how many times the sweep goes through SWEEP, alternating (default 1); a setting's
+#                score is the median over its rounds (bench/sweep_score.py)
 #   MLP_ARGS     extra bench/mlp.py arguments
 #   TPEXT_COMMIT the commit the JSON records, where the copy on the box has no .git (the device
 #                tool sends the working tree only): TPEXT_COMMIT=<sha> bash scripts/gpu_session.sh ...
@@ -70,32 +73,39 @@ if has profile && [ "$ngpu" -ge 2 ]; then
   done
   stamp "profile done"
 fi
-best=0
-# The carve-out pairs the GEMMs' SM target with a cap on the CTAs of tpext's collectives that run
-# beside those GEMMs (tpext.init's nccl_overlap_ctas); the rest, and the peers' NCCL, keep NCCL's.
-ctas_arg() { if [ "$1" != 0 ]; then echo "--nccl-overlap-ctas $1"; fi; }
+best_sms=0; best_ctas=0
+# The carve-out: the GEMMs' SM target leaves S SMs to NCCL, and tpext's collectives that run beside
+# those GEMMs go through a communicator capped at C CTAs (tpext.init's nccl_overlap_ctas); the rest,
+# and the peers' NCCL, keep NCCL's choice.
+carve_args() { echo "--overlap-sms $1"; if [ "$2" != 0 ]; then echo "--nccl-overlap-ctas $2"; fi; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
-  for c in ${SWEEP:-0 8 16 32}; do
-    timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
-      --systems tpext,floor-ops,ar-tpext --overlap-sms "$c" $(ctas_arg "$c") --no-plots \
-      --out "$OUT/sweep-sms$c.json" > "$OUT/sweep-sms$c.log" 2>&1
-    echo "sweep overlap-sms $c rc=$?"
-    # Score: M=4096 fwd+bwd time plus a quarter of M=16384's (both goals weigh alike).
-    score=$("$PY" bench/sweep_score.py "$OUT/sweep-sms$c.json")
-    echo "  score $score"
+  settings=${SWEEP:-0 8 16 32}
+  for round in $(seq 1 "${SWEEP_ROUNDS:-1}"); do
+    for setting in $settings; do
+      s=${setting%%:*}; c=${setting#*:}
+      timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
+        --systems tpext,floor-ops,ar-tpext $(carve_args "$s" "$c") --no-plots \
+        --out "$OUT/sweep-sms$s-ctas$c-r$round.json" > "$OUT/sweep-sms$s-ctas$c-r$round.log" 2>&1
+      echo "sweep round $round overlap-sms $s ctas $c rc=$?"
+    done
+  done
+  for setting in $settings; do
+    s=${setting%%:*}; c=${setting#*:}
+    score=$("$PY" bench/sweep_score.py "$OUT"/sweep-sms$s-ctas$c-r*.json)
+    echo "  sms $s ctas $c: score (mean tpext / floor-ops, M=4096 and 16384 fwd+bwd) $score"
     if [ -n "$score" ] && { [ -z "$best_score" ] || "$PY" -c "import sys; sys.exit(0 if $score < $best_score else 1)"; }; then
-      best=$c; best_score=$score
+      best_sms=$s; best_ctas=$c; best_score=$score
     fi
   done
-  echo "$best" > "$OUT/best_overlap_sms.txt"
-  echo "best overlap-sms: $best"
+  echo "$best_sms:$best_ctas" > "$OUT/best_carve_out.txt"
+  echo "best: overlap-sms $best_sms, ctas $best_ctas"
   stamp "sweep done"
 fi
 if has chunk-by && [ "$ngpu" -ge 2 ]; then
   for by in rows auto; do
     timeout 100 $RUN bench/mlp.py --workloads mlp-8192 -M 128,256,512 --modes fwd --graph eager,graph \
-      --systems tpext,floor-ops,ar-tpext --chunk-by "$by" --overlap-sms "$best" $(ctas_arg "$best") --no-plots \
+      --systems tpext,floor-ops,ar-tpext --chunk-by "$by" $(carve_args "$best_sms" "$best_ctas") --no-plots \
       --out "$OUT/chunkby-$by.json" > "$OUT/chunkby-$by.log" 2>&1
     echo "chunk-by $by rc=$?"; "$PY" bench/sweep_score.py --table "$OUT/chunkby-$by.json"
   done
@@ -103,12 +113,12 @@ if has chunk-by && [ "$ngpu" -ge 2 ]; then
 fi
 if has bench-mlp && [ -f bench/mlp.py ]; then
   # The goals' workload first, so that a cut-short call still brings its JSON back.
-  timeout $(( $(left) - 20 )) $RUN bench/mlp.py --workloads mlp-8192 --overlap-sms "$best" $(ctas_arg "$best") \
+  timeout $(( $(left) - 20 )) $RUN bench/mlp.py --workloads mlp-8192 $(carve_args "$best_sms" "$best_ctas") \
     ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-8192.json" > "$OUT/bench_mlp8192.log" 2>&1
   echo "bench mlp-8192 rc=$?"; sed -n '/^goals/,$p' "$OUT/bench_mlp8192.log" | head -12
   stamp "bench mlp-8192 done"
   if [ "$(left)" -gt 150 ]; then
-    timeout $(( $(left) - 15 )) $RUN bench/mlp.py --workloads mlp-4096,attn,layer --overlap-sms "$best" $(ctas_arg "$best") \
+    timeout $(( $(left) - 15 )) $RUN bench/mlp.py --workloads mlp-4096,attn,layer $(carve_args "$best_sms" "$best_ctas") \
       ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-rest.json" > "$OUT/bench_mlp_rest.log" 2>&1
     echo "bench mlp-4096,attn,layer rc=$?"; grep -E "done in" "$OUT/bench_mlp_rest.log"
     stamp "bench rest done"
