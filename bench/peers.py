@@ -473,8 +473,7 @@ def build_tpext(w, full, ctx) -> System:
 
     def mlp(w1, b1, w2, b2):
         m = tpext.ParallelMLP(w1.shape[1], w1.shape[0], activation="gelu", bias=b1 is not None, group=tp,
-                              device=dev, dtype=dt, chunk_by=ctx.chunk_by,
-                              chunks=ctx.chunks)
+                              device=dev, dtype=dt, chunk_by=ctx.chunk_by, chunks=ctx.chunks)
         cols = [c for c in m.modules() if isinstance(c, tpext.ColumnParallelLinear)]
         rows = [c for c in m.modules() if isinstance(c, tpext.RowParallelLinear)]
         if len(cols) != 1 or len(rows) != 1:

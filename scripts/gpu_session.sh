@@ -78,12 +78,14 @@ best_sms=0; best_ctas=0
 # those GEMMs go through a communicator capped at C CTAs (tpext.init's nccl_overlap_ctas); the rest,
 # and the peers' NCCL, keep NCCL's choice.
 carve_args() { echo "--overlap-sms $1"; if [ "$2" != 0 ]; then echo "--nccl-overlap-ctas $2"; fi; }
+# A SWEEP setting "S" or "S:C" into $s (SMs) and $c (CTAs; C defaults to S).
+parse_setting() { s=${1%%:*}; c=${1#*:}; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
   settings=${SWEEP:-0 8 16 32}
   for round in $(seq 1 "${SWEEP_ROUNDS:-1}"); do
     for setting in $settings; do
-      s=${setting%%:*}; c=${setting#*:}
+      parse_setting "$setting"
       timeout 120 $RUN bench/mlp.py --workloads mlp-8192 -M 4096,16384 --modes fwd,fwdbwd --graph eager \
         --systems tpext,floor-ops,ar-tpext $(carve_args "$s" "$c") --no-plots \
         --out "$OUT/sweep-sms$s-ctas$c-r$round.json" > "$OUT/sweep-sms$s-ctas$c-r$round.log" 2>&1
@@ -91,7 +93,7 @@ if has sweep && [ "$ngpu" -ge 2 ]; then
     done
   done
   for setting in $settings; do
-    s=${setting%%:*}; c=${setting#*:}
+    parse_setting "$setting"
     score=$("$PY" bench/sweep_score.py "$OUT"/sweep-sms$s-ctas$c-r*.json)
     echo "  sms $s ctas $c: score (mean tpext / floor-ops, M=4096 and 16384 fwd+bwd) $score"
     if [ -n "$score" ] && { [ -z "$best_score" ] || "$PY" -c "import sys; sys.exit(0 if $score < $best_score else 1)"; }; then

@@ -95,8 +95,8 @@ int overlap_sm_target(int device, int comm_sms);
 
 // Pieces for the row-parallel forward: one below 32 MiB of output (the all-reduce it could hide is
 // worth less than the slower GEMMs beside it cost), two below 128 MiB, else four, so that the
-// exposed tail (the last piece's all-reduce) shrinks as the output grows. Each piece keeps at least 128 rows: narrower GEMMs lose
-// tensor-core efficiency faster than the overlap gains.
+// exposed tail (the last piece's all-reduce) shrinks as the output grows. Each piece keeps at
+// least 128 rows: narrower GEMMs lose tensor-core efficiency faster than the overlap gains.
 int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size);
 
 // Row ranges of piece i of `chunks` over m rows: boundaries are multiples of 8 rows so every
