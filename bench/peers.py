@@ -16,7 +16,7 @@ layers (which know nothing of heads) run the same attention code.
 Systems (one builder each; a builder raises Skip(reason) where it cannot run):
     tpext       tpext.ParallelMLP (GELU in fc1's epilogue) / ColumnParallelLinear / RowParallelLinear
     single      full weights on every rank, F.linear, no communication
-    single-ops  full weights, tpext's local GEMM ops (CUDA) as floor-ops runs them, no communication
+    single-ops  full weights, tpext's local GEMM ops (CUDA), no communication
     seed        F.linear + torch.distributed.all_reduce in Megatron's copy-to / reduce-from
                 autograd Functions, on a NCCL group
     dtensor     torch.distributed.tensor.parallel ColwiseParallel / RowwiseParallel
@@ -24,8 +24,7 @@ Systems (one builder each; a builder raises Skip(reason) where it cannot run):
     symm-mem    torch symmetric-memory fused_matmul_reduce_scatter for fc2, then an all-gather
                 (MLP forward only: the op has no autograd formula)
     floor       this rank's shards with F.linear, every collective removed (row bias on rank 0)
-    floor-ops   the same with tpext's local GEMM ops (CUDA); the GELU MLP as tpext runs it, its GELU
-                backward in fc2's dgrad epilogue
+    floor-ops   the same with tpext's local GEMM ops (CUDA)
     ar-tpext    only the all-reduces the block does (M x H each), through tpext's communicator
     ar-torch    the same through torch.distributed on a NCCL group
 """
@@ -195,12 +194,15 @@ def row_shard(t: torch.Tensor, rank: int, n: int) -> torch.Tensor:
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, gelu_in_fc1: bool = False):
         super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
+        self.fc1, self.fc2, self.gelu_in_fc1 = fc1, fc2, gelu_in_fc1
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)
+        if not self.gelu_in_fc1:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
 
 
 class AttentionBlock(nn.Module):
@@ -248,62 +250,35 @@ class LocalLinear(nn.Module):
 
 
 class _OpsLinearFn(torch.autograd.Function):
-    """tpext's local GEMM ops (cuBLASLt, the bias in the epilogue) without any collective: the
-    floor of tpext's own kernels, and a single GPU running them. (The GELU MLP: _OpsGeluMLPFn.)"""
+    """tpext's local GEMM ops (cuBLASLt, bias and GELU in the epilogue) without any collective:
+    the floor of tpext's own kernels, and a single GPU running them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        out, _ = torch.ops.tpext.linear(x, weight, bias, "none", False)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, bias, activation, backward_follows):
+        # As tpext's layers do: no pre-activation written when no backward follows (inference).
+        out, pre = torch.ops.tpext.linear(x, weight, bias, activation, backward_follows)
+        ctx.save_for_backward(x, weight, pre if activation == "gelu" and backward_follows else None)
+        ctx.activation, ctx.has_bias = activation, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        dx, dw, db = torch.ops.tpext.linear_backward(grad.contiguous(), x, weight, ctx.has_bias,
-                                                     ctx.needs_input_grad[0], True)
-        return dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None
+        x, weight, pre = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.activation == "gelu":
+            grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+        dx, dw, db = torch.ops.tpext.linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad[0], True)
+        return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None, None, None)
 
 
 class OpsLinear(LocalLinear):
-    def forward(self, x):
-        return _OpsLinearFn.apply(x.contiguous(), self.weight, self.bias)
-
-
-class _OpsGeluMLPFn(torch.autograd.Function):
-    """The GELU MLP on tpext's local GEMM ops as tpext.ParallelMLP runs it (tpext/mlp_function.py),
-    minus the collectives: fc1 with bias+GELU in its epilogue, fc2; backward, fc2's dgrad applies
-    the GELU derivative and gives fc1's bias gradient in its epilogue. So the floor does the same
-    GEMM work tpext does and tpext / floor measures only what the communication costs."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, backward_follows):
-        h, pre = torch.ops.tpext.linear(x, w1, b1, "gelu", backward_follows)
-        y, _ = torch.ops.tpext.linear(h, w2, b2, "none", False)
-        ctx.save_for_backward(x, w1, pre, h, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1, pre, h, w2 = ctx.saved_tensors
-        dpre, dw2, db2, db1 = torch.ops.tpext.linear_backward_dgelu(grad.contiguous(), h, w2, pre, ctx.has_b2,
-                                                                    ctx.has_b1, True)
-        dx, dw1, _ = torch.ops.tpext.linear_backward(dpre, x, w1, False, ctx.needs_input_grad[0], True)
-        return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if ctx.has_b1 else None, dw2,
-                db2 if ctx.has_b2 else None, None)
-
-
-class OpsGeluMLP(nn.Module):
-    def __init__(self, w1, b1, w2, b2):
-        super().__init__()
-        self.fc1, self.fc2 = LocalLinear(w1, b1), LocalLinear(w2, b2)
+    def __init__(self, weight, bias, activation="none"):
+        super().__init__(weight, bias)
+        self.activation = activation
 
     def forward(self, x):
-        f1, f2 = self.fc1, self.fc2
-        backward_follows = torch.is_grad_enabled() and (x.requires_grad or f1.weight.requires_grad)
-        return _OpsGeluMLPFn.apply(x.contiguous(), f1.weight, f1.bias, f2.weight, f2.bias, backward_follows)
+        backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return _OpsLinearFn.apply(x.contiguous(), self.weight, self.bias, self.activation, backward_follows)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -445,7 +420,7 @@ def build_single_ops(w, full, ctx) -> System:
     _need_cuda(ctx, "tpext's GEMM ops take CUDA tensors")
     return _system("single-ops", _layers(
         w, full, lambda W, b: OpsLinear(W, b), lambda W, b: OpsLinear(W, b),
-        lambda w1, b1, w2, b2: OpsGeluMLP(w1, b1, w2, b2)))
+        lambda w1, b1, w2, b2: MLPBlock(OpsLinear(w1, b1, "gelu"), OpsLinear(w2, b2), gelu_in_fc1=True)))
 
 
 def build_floor(w, full, ctx) -> System:
@@ -459,17 +434,14 @@ def build_floor(w, full, ctx) -> System:
 def build_floor_ops(w, full, ctx) -> System:
     _need_cuda(ctx, "tpext's GEMM ops take CUDA tensors")
     r, n = ctx.rank, ctx.size
-    def col(W, b):
-        return OpsLinear(column_shard(W, r, n), None if b is None else column_shard(b, r, n))
+    def col(W, b, act="none"):
+        return OpsLinear(column_shard(W, r, n), None if b is None else column_shard(b, r, n), act)
 
     def row(W, b):
         return OpsLinear(row_shard(W, r, n), b if r == 0 else None)
 
-    def mlp(w1, b1, w2, b2):
-        return OpsGeluMLP(column_shard(w1, r, n), None if b1 is None else column_shard(b1, r, n), row_shard(w2, r, n),
-                          b2 if r == 0 else None)
-
-    return _system("floor-ops", _layers(w, full, col, row, mlp))
+    return _system("floor-ops", _layers(
+        w, full, col, row, lambda w1, b1, w2, b2: MLPBlock(col(w1, b1, "gelu"), row(w2, b2), gelu_in_fc1=True)))
 
 
 def build_seed(w, full, ctx) -> System:

@@ -58,12 +58,6 @@ def _linear_backward_fake(grad_out, input, weight, bias_grad, need_input_grad, n
     return _backward_fake(grad_out, input, weight, bias_grad, need_input_grad, need_weight_grad)
 
 
-@torch.library.register_fake("tpext::linear_backward_dgelu")
-def _linear_backward_dgelu_fake(grad_out, input, weight, pre, bias_grad, pre_bias_grad, need_weight_grad):
-    grad_pre, dw, db = _backward_fake(grad_out, input, weight, bias_grad, True, need_weight_grad)
-    return grad_pre, dw, db, input.new_empty(input.shape[-1] if pre_bias_grad else 0)
-
-
 @torch.library.register_fake("tpext::column_parallel_backward")
 def _column_parallel_backward_fake(grad_out, input, weight, bias_grad, need_weight_grad, comm):
     return _backward_fake(grad_out, input, weight, bias_grad, True, need_weight_grad)

@@ -58,24 +58,6 @@ def column_parallel_forward(input, weight, bias, activation, native, keep_pre=Tr
     return (F.gelu(pre, approximate="tanh") if activation == "gelu" else pre), pre
 
 
-def native_column_backward(grad, input, weight, group, need_x, need_w, need_b, reduce_grad=True):
-    """(dx, dw, db) of a column-parallel layer through the native ops, grad being the gradient of
-    its pre-activation: dx all-reduced over `group` (unless reduce_grad is False) while the wgrad
-    GEMM runs, the bias gradient in that GEMM's epilogue. None where not wanted."""
-    dx = dw = db = None
-    want_w = need_w or need_b
-    if need_x and not reduce_grad:
-        dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, True, want_w)
-    elif need_x:
-        if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce dx of one shape
-            debug.check(group, "column_parallel_backward", tuple(input.shape), grad.dtype, "cuda", reduce_op="sum")
-        dx, dw, db = call_native(torch.ops.tpext.column_parallel_backward, grad, input, weight, need_b, want_w,
-                                 group._nccl)
-    elif want_w:
-        _, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, False, True)
-    return dx, dw if need_w else None, db if need_b else None
-
-
 class ColumnParallelLinearFunction(torch.autograd.Function):
     """apply(input, weight, bias, group, activation: 'none' | 'gelu', native, reduce_grad=True,
     backward_follows=True) -> this rank's output shard. The copy-to-region crossing is fused in: the
@@ -102,8 +84,18 @@ class ColumnParallelLinearFunction(torch.autograd.Function):
             grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
         dx = dw = db = None
         if ctx.native:
-            dx, dw, db = native_column_backward(grad, input, weight, ctx.group, need_x, need_w, need_b,
-                                                ctx.reduce_grad)
+            # The bias gradient rides on the weight-gradient GEMM's epilogue.
+            want_w = need_w or need_b
+            if need_x and not ctx.reduce_grad:
+                dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, True, want_w)
+            elif need_x:
+                if debug._enabled:  # TPEXT_DEBUG=1: the ranks must all-reduce dx of one shape
+                    debug.check(ctx.group, "column_parallel_backward", tuple(input.shape), grad.dtype, "cuda",
+                                reduce_op="sum")
+                dx, dw, db = call_native(torch.ops.tpext.column_parallel_backward, grad, input, weight, need_b,
+                                         want_w, ctx.group._nccl)
+            elif want_w:
+                _, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, False, True)
         else:
             if need_x:
                 dx = grad.matmul(weight)

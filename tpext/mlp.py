@@ -20,9 +20,7 @@ from torch import nn
 from .groups import Group
 from .layers import (ColumnParallelLinear, RowParallelLinear, _check_input, _check_linear, _positive_int,
                      _target_device)
-from .linear_functions import grad_will_flow, use_native
 from .mappings import resolve_group
-from .mlp_function import GeluMLPFunction
 
 _ACTIVATIONS = ("gelu", "swiglu")
 # Attribute names of the full MLPs from_mlp understands, in from_linears order.
@@ -30,17 +28,6 @@ _KNOWN_NAMES = {
     "gelu": (("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("linear_fc1", "linear_fc2")),
     "swiglu": (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")),
 }
-
-
-def _runs_as_built(module: nn.Module, cls: type) -> bool:
-    """Whether calling `module` would run only cls.forward: no hook on it or on every module, and
-    neither a subclass's forward nor one set on the instance."""
-    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                    "_global_backward_pre_hooks")
-    own_hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return (type(module).forward is cls.forward and "forward" not in module.__dict__
-            and not any(getattr(nn.modules.module, h, None) for h in global_hooks)
-            and not any(getattr(module, h, None) for h in own_hooks))
 
 
 def _check_activation(what: str, activation) -> str:
@@ -77,24 +64,8 @@ class ParallelMLP(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The MLP's own words for a wrong input (fc1 would name itself and its in_features).
-        fc1, fc2 = self.linear_fc1, self.linear_fc2
-        _check_input(type(self).__name__, input, fc1.weight, self.hidden, "hidden", self.group)
-        if self._fuses_gelu_backward(input):
-            return GeluMLPFunction.apply(input, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.group, fc2.chunks,
-                                         fc2.chunk_by)
-        return fc2(self.activate(fc1(input)))
-
-    def _fuses_gelu_backward(self, input: torch.Tensor) -> bool:
-        """Whether this call runs as one GeluMLPFunction (fc1's GELU backward inside fc2's dgrad
-        GEMM, tpext/mlp_function.py): GELU on the native path with a backward to come, and the two
-        layers exactly as built, since the Function bypasses their forward (no hooks, no replaced
-        forward, fc1's dx all-reduce not handed elsewhere). Otherwise the layers run one by one."""
-        fc1, fc2 = self.linear_fc1, self.linear_fc2
-        return (self.activation == "gelu"
-                and use_native(input, fc1._every_shard_nonempty and fc2._every_shard_nonempty)
-                and grad_will_flow(input, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-                and not getattr(fc1, "disable_grad_reduce", False)
-                and _runs_as_built(fc1, ColumnParallelLinear) and _runs_as_built(fc2, RowParallelLinear))
+        _check_input(type(self).__name__, input, self.linear_fc1.weight, self.hidden, "hidden", self.group)
+        return self.linear_fc2(self.activate(self.linear_fc1(input)))
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """The activation between fc1 and fc2 on this rank's slice: GELU is already in fc1's

@@ -46,8 +46,6 @@ void check_comm_sms(const std::string& where, int comm_sms) {
 }
 }  // namespace
 
-bool dgelu_fusable(int64_t m, int64_t n, int64_t k) { return m > 0 && n >= 2 && k > 0 && k % 8 == 0; }
-
 int overlap_sm_target(int device, int comm_sms) {
   check_comm_sms("", comm_sms);
   if (comm_sms == 0) return 0;
@@ -202,20 +200,6 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
                            std::to_string(a.k) + " input features in " + dtype_name(a.dtype) +
                            " (none for k = 0; cuBLASLt's epilogue is wrong for float16 with k = 1); "
                            "pass db = nullptr and sum dy's rows instead");
-  if (a.gelu_bias_grad != nullptr && a.gelu_pre == nullptr)
-    throw_invalid_argument(std::string(where) +
-                           ": gelu_bias_grad: comes from the GELU-derivative dgrad; pass gelu_pre too");
-  if (a.gelu_pre != nullptr) {
-    if (comm != nullptr)  // gelu'(pre) multiplies the all-reduced dx, not each rank's partial sum
-      throw_invalid_argument(std::string(where) + ": gelu_pre: the GELU derivative must follow the all-reduce of dx; "
-                             "only the local backward (no communicator) applies it");
-    if (a.dx == nullptr)
-      throw_invalid_argument(std::string(where) + ": gelu_pre: the GELU derivative is applied to dx; pass dx too");
-    if (!dgelu_fusable(a.m, a.n, a.k))
-      throw_invalid_argument(std::string(where) + ": gelu_pre: cuBLASLt's DGELU epilogue needs m > 0, n >= 2 and k a "
-                             "positive multiple of 8; got m=" + std::to_string(a.m) + " n=" + std::to_string(a.n) +
-                             " k=" + std::to_string(a.k) + " (check dgelu_fusable first)");
-  }
   const bool reduces_dx = comm != nullptr && a.dx != nullptr && a.m > 0 && a.k > 0;
   check_comm_sms(std::string(where) + ": ", a.comm_sms);  // checked even where no collective runs
   // The wgrad GEMM runs beside the dx all-reduce (when there is one to run beside).
@@ -235,12 +219,6 @@ void linear_backward(Communicator* comm, const LinearBackward& a, Workspace ws, 
     p.a = a.dy;  // [m, n]
     p.b = a.w;   // [n, k]
     p.d = a.dx;
-    if (a.gelu_pre != nullptr) {
-      d.epilogue = a.gelu_bias_grad != nullptr ? Epilogue::kDGeluBgrad : Epilogue::kDGelu;
-      d.ldaux = a.k;
-      p.aux = const_cast<void*>(a.gelu_pre);  // read only: the DGELU epilogues take aux as input
-      p.bgrad = a.gelu_bias_grad;
-    }
     matmul(d, p, ws.ptr, ws.bytes, caller);
     if (comm != nullptr) {
       comm->fence_in(caller);

@@ -84,22 +84,8 @@ struct LinearBackward {
   DataType dtype = DataType::kBFloat16;
   bool allow_tf32 = false;
   int comm_sms = 0;  // see overlap_sm_target(); applies to the wgrad GEMM beside the dx all-reduce
-  // Optional, local backward only (comm == nullptr): x = gelu(gelu_pre), as fc2's input is fc1's
-  // GELU output in an MLP; gelu_pre [m,k] is that forward's pre-activation. dx then becomes the
-  // gradient of gelu_pre, (dy · w) * gelu'(gelu_pre), the derivative applied by the dgrad GEMM's
-  // epilogue (cuBLASLt DGELU) instead of a separate elementwise pass, and gelu_bias_grad (k
-  // elements, optional) gets that gradient's column sums (DGELU_BGRAD): the bias gradient of the
-  // layer that made gelu_pre. Needs dx and dgelu_fusable(m, n, k).
-  const void* gelu_pre = nullptr;
-  void* gelu_bias_grad = nullptr;
 };
 void linear_backward(Communicator* comm, const LinearBackward& args, Workspace ws, cudaStream_t caller);
-
-// Whether linear_backward can apply the GELU derivative in its dgrad epilogue for this shape:
-// rows to write (m > 0), a pre-activation row stride cuBLASLt takes (k a positive multiple of 8)
-// and a reduction it has a DGELU kernel for (n >= 2). Otherwise the caller runs the plain dgrad
-// and the GELU backward after it.
-bool dgelu_fusable(int64_t m, int64_t n, int64_t k);
 
 // The SM target of a GEMM that runs beside a collective on `device`, leaving `comm_sms` SMs to
 // the collective: 0 (every SM, cuBLASLt's choice) when comm_sms is 0, else the device's SM count

@@ -19,8 +19,6 @@ TORCH_LIBRARY_FRAGMENT(tpext, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, str activation, bool keep_pre=True) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, bool need_input_grad, "
         "bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_backward_dgelu(Tensor grad_out, Tensor input, Tensor weight, Tensor pre, bool bias_grad, "
-        "bool pre_bias_grad, bool need_weight_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("column_parallel_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, "
         "bool need_weight_grad, int comm) -> (Tensor, Tensor, Tensor)");
   m.def("row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, int comm, int chunks, str chunk_by=\"auto\") -> Tensor");

@@ -177,12 +177,8 @@ std::tuple<at::Tensor, at::Tensor> linear_impl(const at::Tensor& input, const at
   return std::make_tuple(out, pre);
 }
 
-// gelu_pre (local backward only): input is gelu(*gelu_pre) and dx comes back as the gradient of
-// *gelu_pre, the derivative applied in the dgrad GEMM's epilogue; the caller has checked
-// core::dgelu_fusable. A defined *pre_db (k elements) receives that gradient's column sums.
 Triple backward_common(core::Communicator* comm, const char* op, const at::Tensor& grad_out, const at::Tensor& input,
-                       const at::Tensor& weight, bool bias_grad, bool need_input_grad, bool need_weight_grad,
-                       const at::Tensor* gelu_pre = nullptr, at::Tensor* pre_db = nullptr) {
+                       const at::Tensor& weight, bool bias_grad, bool need_input_grad, bool need_weight_grad) {
   auto [m, n, k] = check_linear(op, input, weight, std::nullopt);
   check_operand(grad_out, op, "grad_out", input, 0);
   require(grad_out.dim() == input.dim() && grad_out.sizes().slice(0, grad_out.dim() - 1) == input.sizes().slice(0, input.dim() - 1) &&
@@ -218,10 +214,6 @@ Triple backward_common(core::Communicator* comm, const char* op, const at::Tenso
   a.dx = need_input_grad && m > 0 && n > 0 ? dx.data_ptr() : nullptr;
   a.dw = need_weight_grad ? dw.data_ptr() : nullptr;
   a.db = bias_grad && !db_by_sum ? db.data_ptr() : nullptr;
-  if (gelu_pre != nullptr) {
-    a.gelu_pre = gelu_pre->data_ptr();
-    a.gelu_bias_grad = pre_db != nullptr && pre_db->numel() > 0 ? pre_db->data_ptr() : nullptr;
-  }
   a.m = m;
   a.n = n;
   a.k = k;
@@ -241,40 +233,6 @@ Triple linear_backward_impl(const at::Tensor& grad_out, const at::Tensor& input,
   TPEXT_TRANSLATE_ERRORS({
     out = backward_common(nullptr, "linear_backward", grad_out, input, weight, bias_grad, need_input_grad,
                           need_weight_grad);
-  });
-  return out;
-}
-
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// fc2's backward inside a GELU MLP: input = gelu(pre), pre being fc1's pre-activation. Returns
-// (grad_pre, dw, db, pre_db): grad_pre = (grad_out · weight) * gelu'(pre), the gradient fc1's
-// backward takes, and pre_db its column sums (fc1's bias gradient) when pre_bias_grad. Where
-// cuBLASLt has a DGELU epilogue for the shape (core::dgelu_fusable) both come out of the dgrad
-// GEMM; otherwise the plain dgrad runs, then torch's gelu_backward and a sum.
-Quad linear_backward_dgelu_impl(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                                const at::Tensor& pre, bool bias_grad, bool pre_bias_grad, bool need_weight_grad) {
-  Quad out;
-  TPEXT_TRANSLATE_ERRORS({
-    const char* op = "linear_backward_dgelu";
-    auto [m, n, k] = check_linear(op, input, weight, std::nullopt);
-    check_operand(pre, op, "pre", input, 0);
-    require(pre.sizes() == input.sizes(), [&] {
-      return arg_prefix(op, "pre") + "expected the shape of input " + c10::str(input.sizes()) +
-             " (input = gelu(pre)), got " + c10::str(pre.sizes());
-    });
-    if (core::dgelu_fusable(m, n, k)) {
-      at::Tensor pre_db = pre_bias_grad ? at::empty({k}, input.options()) : at::empty({0}, input.options());
-      auto [grad_pre, dw, db] =
-          backward_common(nullptr, op, grad_out, input, weight, bias_grad, true, need_weight_grad, &pre, &pre_db);
-      out = std::make_tuple(grad_pre, dw, db, pre_db);
-    } else {
-      auto [dx, dw, db] = backward_common(nullptr, op, grad_out, input, weight, bias_grad, true, need_weight_grad);
-      c10::cuda::CUDAGuard guard(input.device());
-      at::Tensor grad_pre = at::gelu_backward(dx, pre, "tanh");
-      at::Tensor pre_db = pre_bias_grad ? grad_pre.reshape({m, k}).sum(0) : at::empty({0}, input.options());
-      out = std::make_tuple(grad_pre, dw, db, pre_db);
-    }
   });
   return out;
 }
@@ -344,7 +302,6 @@ at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& w
 TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
   m.impl("linear", linear_impl);
   m.impl("linear_backward", linear_backward_impl);
-  m.impl("linear_backward_dgelu", linear_backward_dgelu_impl);
   m.impl("column_parallel_backward", column_parallel_backward_impl);
   m.impl("row_parallel_linear", row_parallel_linear_impl);
 }

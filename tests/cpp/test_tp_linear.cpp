@@ -149,45 +149,6 @@ TEST(LinearBackwardArgs, RefusesTheBiasGradientOfOneFloat16Feature) {
   }
 }
 
-// The GELU-derivative dgrad (gelu_pre) where cuBLASLt has the epilogue, and refusals naming the
-// argument otherwise, before anything is enqueued (fake pointers, no stream, no GPU needed).
-TEST(LinearBackwardArgs, GeluPreOnlyInTheLocalBackwardWhereTheEpilogueRuns) {
-  EXPECT_TRUE(dgelu_fusable(37, 64, 96));
-  EXPECT_TRUE(dgelu_fusable(1, 2, 8));
-  EXPECT_FALSE(dgelu_fusable(0, 64, 96)) << "no rows: the epilogue writes no bias gradient";
-  EXPECT_FALSE(dgelu_fusable(37, 1, 96)) << "n = 1: no DGELU kernel";
-  EXPECT_FALSE(dgelu_fusable(37, 64, 20)) << "k = 20: aux row stride not a multiple of 8";
-  EXPECT_FALSE(dgelu_fusable(37, 64, 0));
-  int dummy[4] = {};
-  LinearBackward a;
-  a.dy = a.x = a.w = dummy;
-  a.dx = a.dw = dummy;
-  a.m = 37;
-  a.n = 64;
-  a.k = 96;
-  auto expect_refused = [&](Communicator* comm, const std::string& needle, const std::string& why) {
-    try {
-      linear_backward(comm, a, Workspace{nullptr, 0}, nullptr);
-      ADD_FAILURE() << why << " was accepted";
-    } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << why << ": " << e.what();
-    }
-  };
-  a.gelu_bias_grad = dummy;
-  expect_refused(nullptr, "linear_backward: gelu_bias_grad:", "gelu_bias_grad without gelu_pre");
-  a.gelu_pre = dummy;
-  a.dx = nullptr;
-  expect_refused(nullptr, "linear_backward: gelu_pre:", "gelu_pre without dx");
-  a.dx = dummy;
-  a.k = 20;
-  expect_refused(nullptr, "multiple of 8", "gelu_pre with k = 20");
-  a.k = 96;
-  // Never dereferenced: the argument checks come before any use of the communicator.
-  auto* not_a_comm = reinterpret_cast<Communicator*>(dummy);
-  expect_refused(not_a_comm, "column_parallel_backward: gelu_pre: the GELU derivative must follow the all-reduce",
-                 "gelu_pre with a communicator");
-}
-
 TEST(OverlapSms, ZeroLeavesTheChoiceToCublasLtAndNegativeIsRejected) {
   // Host-side: neither asks the device anything.
   EXPECT_EQ(overlap_sm_target(0, 0), 0);
@@ -443,80 +404,6 @@ void column_backward_case(int n, int64_t m, int64_t n_total, int64_t k, DataType
     expect_close(db.read(nr, dt, s.get()), db_want, db_scale, tolerance(dt), who + " db");
     comm->destroy();
   });
-}
-
-double gelu_tanh_grad(double x) {  // d/dx of 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
-  const double c = std::sqrt(2.0 / M_PI), u = c * (x + 0.044715 * x * x * x), t = std::tanh(u);
-  return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x);
-}
-
-// fc2's local backward inside a GELU MLP: x = gelu(pre), and with gelu_pre the dgrad GEMM writes
-// dpre = (dy · w) * gelu'(pre) and gelu_bias_grad its column sums; dw, db as without it.
-void gelu_pre_backward_case(int64_t m, int64_t n, int64_t k, DataType dt) {
-  const auto pre = rounded(static_cast<size_t>(m * k), dt, 31);  // [m, k]; x's values do not matter here
-  const auto x = rounded(static_cast<size_t>(m * k), dt, 32);
-  const auto w = rounded(static_cast<size_t>(n * k), dt, 33);   // [n, k]
-  const auto dy = rounded(static_cast<size_t>(m * n), dt, 34);  // [m, n]
-  std::vector<double> dpre_want(m * k), dpre_scale(m * k), pdb_want(k, 0.0), pdb_scale(k, 0.0);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t q = 0; q < k; ++q) {
-      double acc = 0, mag = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double p = dy[i * n + j] * w[j * k + q];
-        acc += p;
-        mag += std::fabs(p);
-      }
-      const double slope = gelu_tanh_grad(pre[i * k + q]);
-      dpre_want[i * k + q] = acc * slope;
-      dpre_scale[i * k + q] = (mag + std::fabs(acc)) * std::fabs(slope);
-      pdb_want[q] += acc * slope;
-      pdb_scale[q] += (mag + std::fabs(acc)) * std::fabs(slope);
-    }
-  std::vector<double> dw_want(n * k), dw_scale(n * k);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t q = 0; q < k; ++q) {
-      double acc = 0, mag = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        const double p = dy[i * n + j] * x[i * k + q];
-        acc += p;
-        mag += std::fabs(p);
-      }
-      dw_want[j * k + q] = acc;
-      dw_scale[j * k + q] = mag + std::fabs(acc);
-    }
-  const std::string tag = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + " " +
-                          dtype_name(dt);
-  Device pred(0, pre, dt), xd(0, x, dt), wd(0, w, dt), dyd(0, dy, dt);
-  Device dpre(0, static_cast<size_t>(m * k), dt), pdb(0, static_cast<size_t>(k), dt),
-      dw(0, static_cast<size_t>(n * k), dt);
-  Stream s(0);
-  DeviceBuffer ws = workspace(0);
-  LinearBackward a;
-  a.dy = dyd.buf.get();
-  a.x = xd.buf.get();
-  a.w = wd.buf.get();
-  a.dx = dpre.buf.get();
-  a.dw = dw.buf.get();
-  a.gelu_pre = pred.buf.get();
-  a.gelu_bias_grad = pdb.buf.get();
-  a.m = m;
-  a.n = n;
-  a.k = k;
-  a.dtype = dt;
-  {
-    DeviceGuard g(0);
-    linear_backward(nullptr, a, Workspace{ws.get(), ws.bytes()}, s.get());
-  }
-  expect_close(dpre.read(m * k, dt, s.get()), dpre_want, dpre_scale, tolerance(dt), tag + " dpre");
-  expect_close(pdb.read(k, dt, s.get()), pdb_want, pdb_scale, tolerance(dt), tag + " gelu_bias_grad");
-  expect_close(dw.read(n * k, dt, s.get()), dw_want, dw_scale, tolerance(dt), tag + " dw");
-}
-
-TEST(LinearBackwardGpu, GeluPreGivesThePreActivationGradientAndItsBiasGradient) {
-  TPEXT_REQUIRE_GPUS(1);
-  gelu_pre_backward_case(200, 96, 72, DataType::kFloat32);
-  gelu_pre_backward_case(200, 130, 72, DataType::kBFloat16);
-  gelu_pre_backward_case(33, 2, 16, DataType::kFloat16);
 }
 
 TEST(ColumnParallelBackwardGpu, DxAllReducedDwDbLocal) {
