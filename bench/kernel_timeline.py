@@ -6,10 +6,10 @@ not run on the lent GPU boxes).
     torchrun --nproc-per-node 2 bench/kernel_timeline.py [--overlap-sms 16] [-M 4096] [--chunk-by rows]
         [--trace-dir DIR]
 
---overlap-sms N also caps tpext's overlapped NCCL collectives at N CTAs (tpext.init(nccl_overlap_ctas=N)). Per M and mode
-(fwd, fwd+bwd): 5 warm-up steps, then 3 profiled steps separated by idle gaps; the last one is
-reported: a summary line per rank, and rank 0's kernels one per line (start and duration in us from
-the step's first kernel). --trace-dir keeps rank 0's Chrome traces (gzip).
+--overlap-sms N also caps tpext's overlapped NCCL collectives at N CTAs (tpext.init(nccl_overlap_ctas=N)).
+Per M and mode (fwd, fwd+bwd): 5 warm-up steps, then 3 profiled steps separated by idle gaps; the
+last one is reported: a summary line per rank, and rank 0's kernels one per line (start and
+duration in us from the step's first kernel). --trace-dir keeps rank 0's Chrome traces (gzip).
 """
 import argparse
 import gzip
@@ -114,7 +114,8 @@ def main():
             if keep:
                 os.makedirs(args.trace_dir, exist_ok=True)
             steps = profiled_steps(step, tp, trace_path=trace)
-            label = f"overlap_sms={args.overlap_sms} (overlapped NCCL CTAs capped alike) chunk_by={args.chunk_by} M={m} {mode}"
+            label = (f"overlap_sms={args.overlap_sms} (overlapped NCCL CTAs capped alike) chunk_by={args.chunk_by} "
+                     f"M={m} {mode}")
             print(describe(steps[-1], tp.rank, label, listing=tp.rank == 0), flush=True)
             if trace:
                 with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as out:

@@ -120,7 +120,8 @@ if has bench-mlp && [ -f bench/mlp.py ]; then
   echo "bench mlp-8192 rc=$?"; sed -n '/^goals/,$p' "$OUT/bench_mlp8192.log" | head -12
   stamp "bench mlp-8192 done"
   if [ "$(left)" -gt 150 ]; then
-    timeout $(( $(left) - 15 )) $RUN bench/mlp.py --workloads mlp-4096,attn,layer $(carve_args "$best_sms" "$best_ctas") \
+    timeout $(( $(left) - 15 )) $RUN bench/mlp.py --workloads mlp-4096,attn,layer \
+      $(carve_args "$best_sms" "$best_ctas") \
       ${MLP_ARGS:-} --no-plots --out "$OUT/mlp-rest.json" > "$OUT/bench_mlp_rest.log" 2>&1
     echo "bench mlp-4096,attn,layer rc=$?"; grep -E "done in" "$OUT/bench_mlp_rest.log"
     stamp "bench rest done"
