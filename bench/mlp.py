@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--chunks", type=int, default=0,
                    help="how many pieces tpext's row-parallel layers cut their output into "
                         "(RowParallelLinear chunks; default 0: from the size)")
+    p.add_argument("--row-tail-weight", type=float, default=0.0,
+                   help="tpext.set_row_tail_weight for the run: rows of the row-parallel forward's last piece "
+                        "relative to each earlier one, in (0, 1] (default 0: tpext's default)")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -136,6 +139,8 @@ def parse_args(argv=None):
     args.max_iters = args.max_iters if args.max_iters is not None else (10 if cpu else 300)
     if args.overlap_sms < 0:
         p.error(f"--overlap-sms: expected >= 0, got {args.overlap_sms}")
+    if not 0.0 <= args.row_tail_weight <= 1.0:
+        p.error(f"--row-tail-weight: expected a share in (0, 1] (0: the default), got {args.row_tail_weight}")
     if not (args.point_s > 0 and 1 <= args.min_iters <= args.max_iters):
         p.error("expected --point-s > 0 and 1 <= --min-iters <= --max-iters")
     return args
@@ -590,6 +595,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas, args.nccl_overlap_ctas)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
+    tpext.set_row_tail_weight(args.row_tail_weight)
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
                         torch_group=torch_group, chunk_by=args.chunk_by, chunks=args.chunks)
     try:

@@ -508,6 +508,10 @@ def test_from_linear_copies_the_weights(single):
 TUNING_KNOBS = {
     "overlap_sms": (tpext.set_overlap_sms, tpext.overlap_sms, "the default leaves the GEMMs' SM count to cuBLASLt",
                     (-1,), r"\bsms\b.*>= 0", (1.5, "16", True), r"\bsms\b", 16),
+    # 0 takes the core's default tail weight.
+    "row_tail_weight": (tpext.set_row_tail_weight, tpext.row_tail_weight, "0 leaves the last piece to the default",
+                        (-0.5, 1.5, float("nan")), r"\bweight\b.*\(0, 1\]", ("0.5", True, None), r"\bweight\b",
+                        0.5),
     # Off by default: results stay bitwise reproducible across runs.
     "gemm_autotune": (tpext.set_gemm_autotune, tpext.gemm_autotune, "autotuning must be opt-in",
                       (-1, 17), r"\bcandidates\b.*0 \(off\) to 16", (2.0, "8", True), r"\bcandidates\b", 8),

@@ -81,13 +81,20 @@ def check_row_chunks(group, device, tag, dtype):
     x = x_full.tensor_split(group.size, dim=-1)[group.rank].contiguous().to(device)
     ref = torch.nn.functional.linear(x_full.double(), lin.weight.double(), lin.bias.double())
     outs = {}
-    cuts = [(c, "auto") for c in (1, 2, 3, 4, 0)] + [(c, "columns") for c in (2, 3, 4)] + [(3, "rows")]
-    for chunks, chunk_by in cuts:
+    # The last two shrink the last row piece (tpext.set_row_tail_weight) to a quarter and a half of
+    # the others: uneven pieces, same sum.
+    cuts = ([(c, "auto", 0.0) for c in (1, 2, 3, 4, 0)] + [(c, "columns", 0.0) for c in (2, 3, 4)] +
+            [(3, "rows", 0.0), (2, "rows", 0.25), (4, "auto", 0.5)])
+    for chunks, chunk_by, tail in cuts:
         layer = tpext.RowParallelLinear.from_linear(lin, group, chunks=chunks, chunk_by=chunk_by)
         tpext.reset_stats()
-        with torch.no_grad():
-            outs[chunks, chunk_by] = y = layer(x)
-        what = f"{name}/chunks={chunks} chunk_by={chunk_by}"
+        tpext.set_row_tail_weight(tail)
+        try:
+            with torch.no_grad():
+                outs[chunks, chunk_by, tail] = y = layer(x)
+        finally:
+            tpext.set_row_tail_weight(0.0)
+        what = f"{name}/chunks={chunks} chunk_by={chunk_by} tail={tail}"
         if chunks:
             assert_counts(group, {"all_reduce": chunks}, f"{what}: forward",
                           {"all_reduce": rows * out_f * x.element_size()})
@@ -95,10 +102,11 @@ def check_row_chunks(group, device, tag, dtype):
     # Each rank's partial product may round differently (one ulp) under another algorithm, and the
     # partials are summed in the dtype: a few ulps of the largest output.
     eps = torch.finfo(dtype).eps
-    base = outs[1, "auto"]
-    for (chunks, chunk_by), y in outs.items():
+    base = outs[1, "auto", 0.0]
+    for (chunks, chunk_by, tail), y in outs.items():
         torch.testing.assert_close(y, base, rtol=2 * eps, atol=8 * eps * base.abs().max().item(),
-                                   msg=lambda m: f"{name}: chunks={chunks} chunk_by={chunk_by} vs chunks=1: {m}")
+                                   msg=lambda m: f"{name}: chunks={chunks} chunk_by={chunk_by} tail={tail} vs "
+                                                 f"chunks=1: {m}")
     # And the layer's own check (gradients, counts) with a pipelined forward.
     check_row(group, device, f"{tag}/chunks", dtype, True, True, in_f, out_f, chunks=2)
 

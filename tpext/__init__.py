@@ -20,7 +20,8 @@ from .mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parall
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
 from .stats import reset_stats, stats
-from .tuning import gemm_autotune, overlap_sms, set_gemm_autotune, set_overlap_sms
+from .tuning import (gemm_autotune, overlap_sms, row_tail_weight, set_gemm_autotune, set_overlap_sms,
+                     set_row_tail_weight)
 from .attention import ParallelAttention, head_layout
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .cross_entropy import vocab_parallel_cross_entropy
@@ -60,6 +61,8 @@ __all__ = [
     "reset_stats",
     "set_overlap_sms",
     "overlap_sms",
+    "set_row_tail_weight",
+    "row_tail_weight",
     "set_gemm_autotune",
     "gemm_autotune",
     "ParallelAttention",

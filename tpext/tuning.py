@@ -2,6 +2,7 @@
 
     tpext.set_overlap_sms(16)    # GEMMs beside a collective leave 16 SMs to it
     tpext.overlap_sms()          # -> 16
+    tpext.set_row_tail_weight(0.5)  # the row-parallel forward's last piece half the others
     tpext.set_gemm_autotune(8)   # time cuBLASLt's 8 best algorithms per GEMM problem, keep the fastest
 
 Overlap: the row-parallel forward runs the GEMM of piece i+1 (rows or column blocks) while piece i
@@ -54,6 +55,20 @@ def set_overlap_sms(sms: int) -> None:
 def overlap_sms() -> int:
     """The current set_overlap_sms value."""
     return int(_C.overlap_sms())
+
+
+def set_row_tail_weight(weight: float) -> None:
+    """Rows of the row-parallel forward's last piece relative to each earlier one, in (0, 1]; 0
+    takes the default. The last piece's all-reduce is the one nothing hides, so a smaller last
+    piece exposes less, as long as its GEMM still outlasts the previous piece's all-reduce."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"set_row_tail_weight: weight: expected a float, got {type(weight).__name__}")
+    _C.set_row_tail_weight(float(weight))  # outside [0, 1] raises ValueError there
+
+
+def row_tail_weight() -> float:
+    """The current set_row_tail_weight value (0: the default)."""
+    return float(_C.row_tail_weight())
 
 
 def set_gemm_autotune(candidates: int) -> None:

@@ -1,6 +1,7 @@
 #include "tp_linear.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "device_guard.h"
@@ -32,8 +33,13 @@ void check_sizes(int64_t m, int64_t n, int64_t k, const char* where) {
 
 }  // namespace
 
-void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end) {
-  const int64_t per = ((m + chunks - 1) / chunks + 7) / 8 * 8;
+void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end, double tail_weight) {
+  // Leading pieces of ceil(m / (chunks - 1 + tail_weight)) rows rounded up to 8; the last takes
+  // what is left. tail_weight 1 is the plain equal split.
+  const double shares = chunks - 1 + tail_weight;
+  const int64_t lead = tail_weight == 1.0 ? (m + chunks - 1) / chunks
+                                          : static_cast<int64_t>(std::ceil(static_cast<double>(m) / shares));
+  const int64_t per = (lead + 7) / 8 * 8;
   *begin = std::min<int64_t>(m, per * i);
   *end = std::min<int64_t>(m, per * (i + 1));
 }
@@ -156,6 +162,11 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     throw_invalid_argument("row_parallel_forward: k: rank 0 holds an empty input shard (k == 0) but must add the bias; "
                            "use fewer ranks than input features");
   }
+  if (!(a.tail_weight >= 0.0 && a.tail_weight <= 1.0))
+    throw_invalid_argument("row_parallel_forward: tail_weight: expected a share in (0, 1] of a piece's rows (0: the "
+                           "default), got " + std::to_string(a.tail_weight));
+  double tail_weight = a.tail_weight == 0.0 ? kDefaultRowTailWeight : a.tail_weight;
+  if (by_columns) tail_weight = 1.0;
   // Pieces after the first run beside the previous piece's all-reduce.
   const int beside_sms = overlap_sm_target(comm.device(), a.comm_sms);
   const size_t es = element_size(a.dtype);
@@ -164,7 +175,7 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   const int64_t extent = by_columns ? a.n : a.m;  // rows, or the same cut along the columns
   for (int i = 0; i < plan.pieces; ++i) {
     int64_t b = 0, e = 0;
-    chunk_rows(extent, plan.pieces, i, &b, &e);
+    chunk_rows(extent, plan.pieces, i, &b, &e, tail_weight);
     if (e <= b) continue;
     const int sm_target = i > 0 && comm.size() > 1 ? beside_sms : 0;
     // The pieces cover [0, extent) in order, so a piece ending before it has a non-empty successor

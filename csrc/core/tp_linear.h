@@ -63,6 +63,9 @@ struct RowParallelForward {
   int chunks = 0;  // 0: chosen by plan_row_parallel()
   PieceAxis axis = PieceAxis::kAuto;
   int comm_sms = 0;  // see overlap_sm_target()
+  // Rows of the last row piece relative to each earlier one, in (0, 1]; 0 takes
+  // kDefaultRowTailWeight. See chunk_rows(). Column blocks are always equal.
+  double tail_weight = 0.0;
   // row_parallel_scratch_bytes() of device memory when the plan cuts columns; unused otherwise.
   // Free for reuse once the caller's stream has passed this op (the comm stream is joined).
   void* scratch = nullptr;
@@ -99,8 +102,13 @@ int overlap_sm_target(int device, int comm_sms);
 // least 128 rows: narrower GEMMs lose tensor-core efficiency faster than the overlap gains.
 int choose_row_chunks(int64_t m, int64_t n, DataType dtype, int world_size);
 
-// Row ranges of piece i of `chunks` over m rows: boundaries are multiples of 8 rows so every
-// piece's pointers keep the 16-byte alignment cuBLASLt's fastest kernels want.
-void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end);
+// Row ranges of piece i of `chunks` over m rows: the pieces before the last are equal and the
+// last has tail_weight times their rows (1: all equal), so its all-reduce, which nothing hides, is
+// short while its GEMM still outlasts the previous piece's all-reduce. Boundaries are multiples of
+// 8 rows so every piece's pointers keep the 16-byte alignment cuBLASLt's fastest kernels want.
+void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end, double tail_weight = 1.0);
+
+// The tail weight of the row pieces when the caller leaves it at 0.
+constexpr double kDefaultRowTailWeight = 1.0;
 
 }  // namespace tpext::core

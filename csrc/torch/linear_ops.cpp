@@ -25,7 +25,17 @@ namespace tpext::adapter {
 
 namespace {
 std::atomic<int> g_overlap_sms{0};
+std::atomic<double> g_row_tail_weight{0.0};
 }  // namespace
+
+double row_tail_weight() { return g_row_tail_weight.load(std::memory_order_relaxed); }
+
+void set_row_tail_weight(double weight) {
+  if (!(weight >= 0.0 && weight <= 1.0))
+    throw core::InvalidArgument("set_row_tail_weight: weight: expected a share in (0, 1] of a piece's rows (0: the "
+                                "default), got " + std::to_string(weight));
+  g_row_tail_weight.store(weight, std::memory_order_relaxed);
+}
 
 int overlap_sms() { return g_overlap_sms.load(std::memory_order_relaxed); }
 
@@ -281,6 +291,7 @@ at::Tensor row_parallel_linear_impl(const at::Tensor& input, const at::Tensor& w
     a.chunks = static_cast<int>(chunks);
     a.axis = axis;
     a.comm_sms = overlap_sms();
+    a.tail_weight = row_tail_weight();
     // Column blocks are all-reduced in a scratch buffer; the comm stream is joined into the
     // caller's before the op returns, so the allocator may hand it out again after that.
     const size_t scratch_bytes =

@@ -67,6 +67,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_overlap_sms", &tpext::adapter::set_overlap_sms, py::arg("sms"),
         "SMs the GEMMs that run beside a collective leave free for it (0: cuBLASLt's choice).");
   m.def("overlap_sms", &tpext::adapter::overlap_sms);
+  m.def("set_row_tail_weight", &tpext::adapter::set_row_tail_weight, py::arg("weight"),
+        "Rows of the row-parallel forward's last piece relative to each earlier one (0: the default).");
+  m.def("row_tail_weight", &tpext::adapter::row_tail_weight);
   m.def("set_gemm_autotune", &core::set_matmul_autotune, py::arg("candidates"),
         "Time the heuristic's best `candidates` cuBLASLt algorithms per GEMM problem, keep the fastest (0: off).");
   m.def("gemm_autotune", &core::matmul_autotune);

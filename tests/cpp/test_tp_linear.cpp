@@ -34,20 +34,41 @@ using tpext::testing::tp_test_ranks;
 // ---------------------------------------------------------------------------------------------
 
 TEST(RowChunks, PiecesCoverEveryRowOnceOnMultiplesOf8) {
-  for (int64_t m : {1, 7, 8, 9, 127, 128, 129, 1000, 4096, 4097, 16384}) {
-    for (int chunks : {1, 2, 3, 4, 7}) {
-      int64_t expect_begin = 0;
-      for (int i = 0; i < chunks; ++i) {
-        int64_t b = -1, e = -1;
-        chunk_rows(m, chunks, i, &b, &e);
-        EXPECT_EQ(b, expect_begin) << "m=" << m << " chunks=" << chunks << " piece " << i;
-        EXPECT_LE(b, e) << "m=" << m << " chunks=" << chunks << " piece " << i;
-        EXPECT_TRUE(e % 8 == 0 || e == m) << "m=" << m << " chunks=" << chunks << " piece " << i << " ends at " << e;
-        expect_begin = e;
+  for (double tail : {1.0, 0.5, 1.0 / 3, 0.05}) {
+    for (int64_t m : {1, 7, 8, 9, 127, 128, 129, 1000, 4096, 4097, 16384}) {
+      for (int chunks : {1, 2, 3, 4, 7}) {
+        const std::string at = "m=" + std::to_string(m) + " chunks=" + std::to_string(chunks) +
+                               " tail=" + std::to_string(tail) + " piece ";
+        int64_t expect_begin = 0;
+        for (int i = 0; i < chunks; ++i) {
+          int64_t b = -1, e = -1;
+          chunk_rows(m, chunks, i, &b, &e, tail);
+          EXPECT_EQ(b, expect_begin) << at << i;
+          EXPECT_LE(b, e) << at << i;
+          EXPECT_TRUE(e % 8 == 0 || e == m) << at << i << " ends at " << e;
+          expect_begin = e;
+        }
+        EXPECT_EQ(expect_begin, m) << at << "(all): the pieces must end at m";
       }
-      EXPECT_EQ(expect_begin, m) << "m=" << m << " chunks=" << chunks << ": the pieces must end at m";
     }
   }
+}
+
+TEST(RowChunks, TheTailWeightShrinksOnlyTheLastPiece) {
+  const auto piece = [](int64_t m, int chunks, int i, double tail) {
+    int64_t b = 0, e = 0;
+    chunk_rows(m, chunks, i, &b, &e, tail);
+    return std::make_pair(b, e);
+  };
+  // 4096 rows in two pieces, the last a third of the first: 3 : 1.
+  EXPECT_EQ(piece(4096, 2, 0, 1.0 / 3), std::make_pair(int64_t{0}, int64_t{3072}));
+  EXPECT_EQ(piece(4096, 2, 1, 1.0 / 3), std::make_pair(int64_t{3072}, int64_t{4096}));
+  // 16384 rows in four, the last half a leading piece: 3 x 4688 (4681.1 rounded up to 8) + 2320.
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(piece(16384, 4, i, 0.5).second - piece(16384, 4, i, 0.5).first, 4688) << i;
+  EXPECT_EQ(piece(16384, 4, 3, 0.5), std::make_pair(int64_t{14064}, int64_t{16384}));
+  // Weight 1 is the equal split it always was.
+  EXPECT_EQ(piece(4096, 2, 0, 1.0), std::make_pair(int64_t{0}, int64_t{2048}));
+  EXPECT_EQ(piece(1000, 3, 2, 1.0), std::make_pair(int64_t{672}, int64_t{1000}));
 }
 
 TEST(RowChunks, OnePieceWhenSmallMoreAsTheOutputGrows) {
@@ -269,15 +290,19 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
     DeviceBuffer ws = workspace(r);
     // comm_sms 16: the pieces after the first are sized to leave 16 SMs to the all-reduce; the
     // result must not change with it. Column blocks (the last cases) go through the scratch buffer.
+    // tail < 1 shrinks the last row piece (ignored for column blocks, which stay equal).
     struct Cut {
       int chunks;
       PieceAxis axis;
       int comm_sms;
+      double tail = 0.0;
     };
-    const std::vector<Cut> cuts{{1, PieceAxis::kRows, 0},    {2, PieceAxis::kRows, 0},    {3, PieceAxis::kRows, 0},
-                                {4, PieceAxis::kRows, 0},    {7, PieceAxis::kRows, 0},    {3, PieceAxis::kRows, 16},
-                                {2, PieceAxis::kColumns, 0}, {3, PieceAxis::kColumns, 0}, {5, PieceAxis::kColumns, 0},
-                                {3, PieceAxis::kColumns, 16}};
+    const std::vector<Cut> cuts{{1, PieceAxis::kRows, 0},        {2, PieceAxis::kRows, 0},
+                                {3, PieceAxis::kRows, 0},        {4, PieceAxis::kRows, 0},
+                                {7, PieceAxis::kRows, 0},        {3, PieceAxis::kRows, 16},
+                                {2, PieceAxis::kRows, 0, 0.25},  {4, PieceAxis::kRows, 16, 0.5},
+                                {2, PieceAxis::kColumns, 0},     {3, PieceAxis::kColumns, 0},
+                                {5, PieceAxis::kColumns, 0},     {3, PieceAxis::kColumns, 16, 0.5}};
     for (const Cut& cut : cuts) {
       const int chunks = cut.chunks, comm_sms = cut.comm_sms;
       const RowPlan plan = plan_row_parallel(m, n_out, dt, n, chunks, cut.axis);
@@ -299,6 +324,7 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
       a.chunks = chunks;
       a.axis = cut.axis;
       a.comm_sms = comm_sms;
+      a.tail_weight = cut.tail;
       a.scratch = scratch.get();
       {
         DeviceGuard g(r);
@@ -306,7 +332,28 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
       }
       expect_close(y.read(m * n_out, dt, s.get()), want, scale, tolerance(dt),
                    tag + (cut.axis == PieceAxis::kColumns ? " column blocks=" : " row chunks=") +
-                       std::to_string(chunks) + " comm_sms=" + std::to_string(comm_sms) + " rank " + std::to_string(r));
+                       std::to_string(chunks) + " comm_sms=" + std::to_string(comm_sms) +
+                       " tail=" + std::to_string(cut.tail) + " rank " + std::to_string(r));
+    }
+    {
+      // A tail weight outside [0, 1] is refused before anything is enqueued.
+      RowParallelForward a;
+      a.x = x.buf.get();
+      a.w = w.buf.get();
+      a.y = a.scratch = nullptr;
+      a.m = m;
+      a.n = n_out;
+      a.k = k_of[r];
+      a.dtype = dt;
+      a.chunks = 2;
+      Device y(r, static_cast<size_t>(m * n_out), dt);
+      a.y = y.buf.get();
+      for (double bad : {1.5, -0.25}) {
+        a.tail_weight = bad;
+        DeviceGuard g(r);
+        EXPECT_THROW(row_parallel_forward(*comm, a, Workspace{ws.get(), ws.bytes()}, s.get()), InvalidArgument)
+            << tag << " tail_weight=" << bad;
+      }
     }
     comm->destroy();
   });
