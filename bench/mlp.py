@@ -98,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--nccl-overlap-ctas", type=int, default=None,
                    help="tpext.init(nccl_overlap_ctas=N): cap only the collectives tpext runs beside its GEMMs "
                         "(a second communicator); pair with --overlap-sms N")
+    p.add_argument("--nccl-window-mib", type=int, default=None,
+                   help="tpext.init(nccl_window_mib=N): a symmetric NCCL window of N MiB per rank, which "
+                        "row-parallel outputs that fit go through (NCCL's symmetric kernels)")
     p.add_argument("--chunk-by", choices=("auto", "rows", "columns"), default="auto",
                    help="how tpext's row-parallel layers cut their output into pipelined pieces "
                         "(RowParallelLinear chunk_by; default auto: rows, the count from the size)")
@@ -157,7 +160,7 @@ def _choices(text: str, flag: str, allowed) -> List[str]:
 # -- set-up ------------------------------------------------------------------------------------
 
 
-def init(smoke: bool, nccl_max_ctas=None, nccl_overlap_ctas=None):
+def init(smoke: bool, nccl_max_ctas=None, nccl_overlap_ctas=None, nccl_window_mib=None):
     """The default process group is gloo for CPU tensors and NCCL for CUDA ones
     ('cpu:gloo,cuda:nccl'): the metadata, barriers and statistics go through gloo, and
     megatron-core's groups (created with the default backend) get NCCL. tpext brings its own
@@ -170,7 +173,7 @@ def init(smoke: bool, nccl_max_ctas=None, nccl_overlap_ctas=None):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     tp = tpext.init(backend="nccl" if use_cuda else "gloo", nccl_max_ctas=nccl_max_ctas,
-                    nccl_overlap_ctas=nccl_overlap_ctas)
+                    nccl_overlap_ctas=nccl_overlap_ctas, nccl_window_mib=nccl_window_mib)
     torch_group = dist.new_group(backend="nccl" if use_cuda else "gloo")
     cpu_group = dist.new_group(backend="gloo")
     device = tp.device if use_cuda else torch.device("cpu")
@@ -593,7 +596,8 @@ def format_goals(g) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas, args.nccl_overlap_ctas)
+    tp, torch_group, cpu_group, device = init(args.smoke, args.nccl_max_ctas, args.nccl_overlap_ctas,
+                                              args.nccl_window_mib)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     tpext.set_row_tail_weight(args.row_tail_weight)
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,

@@ -78,6 +78,9 @@ def test_init_twice_raises_and_keeps_the_first():
     (dict(nccl_max_ctas=True), TypeError, r"nccl_max_ctas"),
     (dict(nccl_overlap_ctas=0), ValueError, r"nccl_overlap_ctas: expected None .* in \[1, 64\]"),
     (dict(nccl_overlap_ctas="8"), TypeError, r"nccl_overlap_ctas: expected None or an int, got str"),
+    (dict(nccl_window_mib=-1), ValueError, r"nccl_window_mib: expected None or an int in \[0, 65536\]"),
+    (dict(nccl_window_mib=16 << 20), ValueError, r"nccl_window_mib: .*MiB per rank"),
+    (dict(nccl_window_mib=1.5), TypeError, r"nccl_window_mib: expected None or an int, got float"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_init_rejects_bad_arguments_and_stays_usable(kwargs, exc, pattern):
     args = dict(backend="gloo")

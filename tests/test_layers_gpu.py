@@ -218,6 +218,55 @@ def test_layers_with_a_capped_communicator_for_overlapped_collectives(gpus):
     launch(capped_overlap_body, gpus, timeout_s=GPU_TIMEOUT_S)
 
 
+def window_body():
+    """tpext.init(nccl_window_mib=1): every communicator of more than one rank gets a 1 MiB
+    symmetric NCCL window; a row-parallel forward whose output fits is computed into it, all-reduced
+    there by NCCL's symmetric kernels and copied out, one that does not fit takes the plain path.
+    Pipelined and single-piece forwards, the MLPs' every gradient, and a CUDA graph of the MLP
+    forward replayed on fresh inputs all match the full model."""
+    tp, device, tag = _init(nccl_window_mib=1)
+    tag += "/window"
+    for g in (tp, tpext.get_world_group()):
+        got = tpext._C.comm_window_bytes(g._nccl)
+        assert got == ((1 << 20) if g.size > 1 else 0), f"{g.name}: window of {got} bytes on {g.size} ranks"
+    for dtype in (torch.float32, torch.bfloat16):  # 300 x 384 outputs: 460 KB, 230 KB, in the window
+        check_row_chunks(tp, device, tag, dtype)
+    check_mlps(tp, device, tag, sizes=GPU_MLP_SIZES)
+    # 1024 x 512 fp32 outputs (2 MiB) do not fit: the plain path, same answer.
+    lin = full_linear(f"{tag}/big", 384, 512, True, torch.float32)
+    x_full = full_tensor(f"{tag}/big/x", (1024, 384), torch.float32)
+    layer = tpext.RowParallelLinear.from_linear(lin, tp)
+    with torch.no_grad():
+        y = layer(x_full.tensor_split(tp.size, dim=-1)[tp.rank].contiguous().to(device))
+    ref = torch.nn.functional.linear(x_full.double(), lin.weight.double(), lin.bias.double())
+    assert_close_rel(y, ref, torch.float32, f"{tag}/big: output past the window")
+    mlp, xs, _ = _mlp_and_data(tp, device, tag, "gelu")
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            mlp(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = mlp(static_x)
+    for i, x in enumerate(xs):
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            eager = mlp(x)
+        _assert_same(static_y, eager, f"{tag}: forward replay {i} (rank {tp.rank})")
+    del graph
+    tpext.destroy()
+    assert tpext._C.live_handles() == [], f"communicators left after destroy: {tpext._C.live_handles()}"
+
+
+@pytest.mark.parametrize("gpus", gpu_worlds(2, 4, 8))
+def test_layers_with_a_symmetric_nccl_window(gpus):
+    launch(window_body, gpus, timeout_s=GPU_TIMEOUT_S)
+
+
 # -- CUDA graphs ---------------------------------------------------------------------------------
 
 

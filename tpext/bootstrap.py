@@ -19,6 +19,7 @@ from .groups import Group
 
 _BACKENDS = ("auto", "nccl", "gloo")
 MAX_NCCL_CTAS = 64  # NCCL's MAXCHANNELS: a collective runs at most one CTA per channel
+MAX_NCCL_WINDOW_MIB = 1 << 16  # 64 GiB per rank: beyond any GPU's memory, so a unit mix-up (bytes) is caught
 
 
 @dataclass
@@ -73,9 +74,17 @@ def _check_ctas(name: str, value) -> None:
                          f"(NCCL's channel limit), got {value}")
 
 
+def _check_window(value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"init: nccl_window_mib: expected None or an int, got {type(value).__name__}")
+    if value is not None and not 0 <= value <= MAX_NCCL_WINDOW_MIB:
+        raise ValueError(f"init: nccl_window_mib: expected None or an int in [0, {MAX_NCCL_WINDOW_MIB}] (MiB per "
+                         f"rank and communicator), got {value}")
+
+
 def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta] = 600.0,
          backend: str = "auto", *, nccl_max_ctas: Optional[int] = None,
-         nccl_overlap_ctas: Optional[int] = None) -> Group:
+         nccl_overlap_ctas: Optional[int] = None, nccl_window_mib: Optional[int] = None) -> Group:
     """Initialises tpext in this process and returns the TP group.
 
     tp_size: ranks per tensor-parallel group; must divide the world size (default: all ranks).
@@ -93,6 +102,11 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
         go through a second NCCL communicator capped at n, so the collectives that run alone (a
         single piece, the last one, every plain collective) keep all the CTAs NCCL wants: capping
         those only adds exposed time (bench/NOTES.md). None: no second communicator.
+    nccl_window_mib: a symmetric NCCL window of that many MiB per rank on each communicator of
+        more than one rank (NCCL 2.27+: ncclMemAlloc memory registered with
+        NCCL_WIN_COLL_SYMMETRIC). A row-parallel forward whose output fits writes it there, and
+        its all-reduce runs NCCL's symmetric kernels (on 2 H200s 24 instead of 36 us for 4 MiB,
+        bench/NOTES.md attempt 10), plus a copy into the output. None or 0: no window.
 
     Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), alongside a
     torch.distributed process group the caller already initialised, and in a plain single process.
@@ -105,6 +119,7 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     timeout_s = _seconds(timeout)
     _check_ctas("nccl_max_ctas", nccl_max_ctas)
     _check_ctas("nccl_overlap_ctas", nccl_overlap_ctas)
+    _check_window(nccl_window_mib)
 
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -171,7 +186,7 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     if use_nccl:
         try:
             world_h = _create_world_communicator(rank, world_size, device.index, timeout_s, nccl_max_ctas,
-                                                 nccl_overlap_ctas)
+                                                 nccl_overlap_ctas, nccl_window_mib)
             handles.append(world_h)
             tp_h = _C.comm_split(world_h, rank // tp_size, rank % tp_size, "tp", timeout_s)
             handles.insert(0, tp_h)
@@ -210,8 +225,10 @@ def _env_store(rank: int, world_size: int, td: datetime.timedelta):
 
 
 def _create_world_communicator(rank: int, world_size: int, device: int, timeout_s: float,
-                               max_ctas: Optional[int], overlap_ctas: Optional[int]) -> int:
-    """The world's NCCL communicator; the TP and DP ones are split from it and inherit both caps."""
+                               max_ctas: Optional[int], overlap_ctas: Optional[int],
+                               window_mib: Optional[int]) -> int:
+    """The world's NCCL communicator; the TP and DP ones are split from it and inherit both caps
+    and the window size."""
     store = dist.distributed_c10d._get_default_store()
     key = f"tpext/{_generation}/nccl_unique_id"
     if rank == 0:
@@ -219,7 +236,8 @@ def _create_world_communicator(rank: int, world_size: int, device: int, timeout_
     uid = store.get(key)  # blocks until rank 0 has published it, up to the store's timeout
     return _C.comm_create(uid, rank, world_size, device, "world", timeout_s,
                           max_ctas=-1 if max_ctas is None else max_ctas,
-                          overlap_max_ctas=-1 if overlap_ctas is None else overlap_ctas)
+                          overlap_max_ctas=-1 if overlap_ctas is None else overlap_ctas,
+                          window_bytes=(window_mib or 0) << 20)
 
 
 def _destroy_gloo(groups, owns_default_pg: bool) -> None:

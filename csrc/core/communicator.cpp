@@ -29,15 +29,17 @@ std::string nccl_message(const char* what, const std::string& where, ncclResult_
   return msg;
 }
 
-// max_ctas > 0 overrides opts.max_ctas (the capped twin for collectives beside a GEMM).
-ncclConfig_t make_config(const CommOptions& opts, bool blocking = false, int max_ctas = -1) {
+// max_ctas > 0 overrides opts.max_ctas (the capped twin for collectives beside a GEMM); min_floor
+// > 0 raises minCTAs to at least that (the twin with a symmetric window).
+ncclConfig_t make_config(const CommOptions& opts, bool blocking = false, int max_ctas = -1, int min_floor = -1) {
   ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
   cfg.blocking = blocking ? 1 : 0;
   cfg.commName = opts.name.c_str();
   if (max_ctas <= 0) max_ctas = opts.max_ctas;
   if (max_ctas > 0) cfg.maxCTAs = max_ctas;
   // NCCL rejects minCTAs above maxCTAs; the capped twin lowers the floor with the cap.
-  if (opts.min_ctas > 0) cfg.minCTAs = max_ctas > 0 ? std::min(opts.min_ctas, max_ctas) : opts.min_ctas;
+  const int min_ctas = std::max(opts.min_ctas, min_floor);
+  if (min_ctas > 0) cfg.minCTAs = max_ctas > 0 ? std::min(min_ctas, max_ctas) : min_ctas;
   if (opts.cga_cluster_size >= 0) cfg.cgaClusterSize = opts.cga_cluster_size;
   return cfg;
 }
@@ -46,6 +48,9 @@ void validate_options(const CommOptions& opts) {
   if (!(opts.timeout_s > 0)) throw_invalid_argument("timeout: expected a positive number of seconds, got " + std::to_string(opts.timeout_s));
   if (opts.min_ctas > 0 && opts.max_ctas > 0 && opts.min_ctas > opts.max_ctas)
     throw_invalid_argument("min_ctas: expected <= max_ctas (" + std::to_string(opts.max_ctas) + "), got " + std::to_string(opts.min_ctas));
+  if (opts.window_min_ctas < 1)
+    throw_invalid_argument("window_min_ctas: expected a positive number of CTAs, got " +
+                           std::to_string(opts.window_min_ctas));
   if (opts.overlap_max_ctas == 0 || opts.overlap_max_ctas < -1)
     throw_invalid_argument("overlap_max_ctas: expected a positive number of CTAs or -1 (no capped twin), got " +
                            std::to_string(opts.overlap_max_ctas));
@@ -145,10 +150,10 @@ std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int
   ncclComm_t twin = nullptr, overlap = nullptr;
   // Split from the non-blocking original, the split itself is non-blocking (NCCL takes the
   // group's mode from the parent) and so bounded by the timeout; the twin blocks afterwards.
-  auto blocking_twin = [&](const char* which, int max_ctas, ncclComm_t* out) {
+  auto blocking_twin = [&](const char* which, int max_ctas, int min_floor, ncclComm_t* out) {
     DeviceGuard guard(device);
     const std::string where = std::string(which) + " of " + describe_rank(opts.name, rank, size, device);
-    ncclConfig_t cfg = make_config(opts, /*blocking=*/true, max_ctas);
+    ncclConfig_t cfg = make_config(opts, /*blocking=*/true, max_ctas, min_floor);
     ncclResult_t r = ncclCommSplit(comm, 0, rank, out, &cfg);
     if (r != ncclSuccess && r != ncclInProgress) throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
     const auto deadline = deadline_after(opts.timeout_s);
@@ -156,19 +161,60 @@ std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int
     if (*out == nullptr) throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
     wait_init(*out, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
   };
+  const bool windowed = opts.window_bytes > 0 && opts.blocking_collectives && size > 1;
+  std::unique_ptr<Communicator> out;
   try {
     if (opts.blocking_collectives && size > 1) {
-      blocking_twin("the blocking twin", -1, &twin);
-      if (opts.overlap_max_ctas > 0) blocking_twin("the capped twin for overlapped collectives", opts.overlap_max_ctas, &overlap);
-      return std::unique_ptr<Communicator>(new Communicator(twin, comm, overlap, rank, size, device, opts));
+      blocking_twin("the blocking twin", -1, windowed ? opts.window_min_ctas : -1, &twin);
+      if (opts.overlap_max_ctas > 0)
+        blocking_twin("the capped twin for overlapped collectives", opts.overlap_max_ctas, -1, &overlap);
+      out.reset(new Communicator(twin, comm, overlap, rank, size, device, opts));
+    } else {
+      out.reset(new Communicator(comm, nullptr, nullptr, rank, size, device, opts));
     }
-    return std::unique_ptr<Communicator>(new Communicator(comm, nullptr, nullptr, rank, size, device, opts));
   } catch (...) {
     (void)ncclCommAbort(comm);
     if (twin != nullptr) (void)ncclCommAbort(twin);
     if (overlap != nullptr) (void)ncclCommAbort(overlap);
     throw;
   }
+  if (windowed) {
+    try {
+      out->open_window();
+    } catch (...) {
+      out->abort();
+      throw;
+    }
+  }
+  return out;
+}
+
+void Communicator::open_window() {
+  std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
+  DeviceGuard guard(device_);
+  if (nccl_runtime_version() < 22700)
+    throw_invalid_argument("window_bytes: symmetric windows need NCCL 2.27 or newer, the loaded NCCL is " +
+                           std::to_string(nccl_runtime_version()) + "; pass 0");
+  ncclResult_t r = ncclMemAlloc(&window_ptr_, opts_.window_bytes);
+  if (r != ncclSuccess) {
+    window_ptr_ = nullptr;
+    fail("ncclMemAlloc (the symmetric window)", r);
+  }
+  // Collective and blocking on comm_: a rank that never arrives leaves the others inside NCCL,
+  // where the watchdog's abort after the timeout ends the call.
+  host_call_since_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+  r = ncclCommWindowRegister(comm_, window_ptr_, opts_.window_bytes, &window_, NCCL_WIN_COLL_SYMMETRIC);
+  host_call_since_.store(0, std::memory_order_release);
+  if (r != ncclSuccess) {
+    window_ = nullptr;
+    fail("ncclCommWindowRegister (the symmetric window)", r);
+  }
+}
+
+void Communicator::free_window_memory() noexcept {
+  window_ = nullptr;  // registered on comm_, which is destroyed or aborted by now
+  if (window_ptr_ != nullptr) (void)ncclMemFree(window_ptr_);
+  window_ptr_ = nullptr;
 }
 
 std::vector<std::unique_ptr<Communicator>> Communicator::create_local(const std::vector<int>& devices,
@@ -605,6 +651,12 @@ void Communicator::destroy() {
   std::lock_guard<std::recursive_mutex> lock(nccl_mu_);
   if (comm_ == nullptr) return;
   DeviceGuard guard(device_);
+  if (window_ != nullptr) {
+    // Collective, as destroy is: every rank deregisters before its communicator goes.
+    ncclResult_t r = ncclCommWindowDeregister(comm_, window_);
+    window_ = nullptr;
+    if (r != ncclSuccess) fail("ncclCommWindowDeregister", r);
+  }
   // The capped twin first (its collectives share comm_'s stream and finalize flushes them), comm_
   // last: abort_locked() keys on comm_ for whatever is left after a failed destroy.
   for (ncclComm_t* slot : {&overlap_, &comm_}) {
@@ -618,9 +670,11 @@ void Communicator::destroy() {
       std::string msg = nccl_message("ncclCommDestroy", describe(), r, nullptr);
       if (ctl_ != nullptr) (void)ncclCommAbort(ctl_), ctl_ = nullptr;
       abort_locked();
+      free_window_memory();
       throw NcclError(msg, r);
     }
   }
+  free_window_memory();
   if (ctl_ != nullptr) {
     // The original was only ever split from: nothing outstanding, finalize is immediate.
     ncclComm_t ctl = ctl_;
@@ -655,6 +709,7 @@ void Communicator::abort_locked() noexcept {
   comm_ = nullptr;
   ctl_ = nullptr;
   overlap_ = nullptr;
+  free_window_memory();
   if (have_previous) (void)cudaSetDevice(previous);
 }
 

@@ -172,6 +172,21 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   const size_t es = element_size(a.dtype);
 
   DeviceGuard guard(comm.device());
+  // Row pieces go through the communicator's symmetric window when the whole output fits: the
+  // GEMMs write their partial sums there, the all-reduces run in place on NCCL's symmetric
+  // kernels, and each piece is copied into y on the comm stream right after its all-reduce. The
+  // window is shared by every op on this communicator, so the GEMMs first wait for whatever the
+  // comm stream still has in flight (an earlier op's copies, from any stream). Under capture that
+  // wait would name work outside the graph; the graph's own ops are ordered by their fences.
+  const size_t out_bytes = static_cast<size_t>(a.m * a.n) * es;
+  char* window = !by_columns && comm.size() > 1 && out_bytes <= comm.window_bytes()
+                     ? static_cast<char*>(comm.window())
+                     : nullptr;
+  if (window != nullptr) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TPEXT_CUDA_CHECK(cudaStreamIsCapturing(caller, &capture));
+    if (capture == cudaStreamCaptureStatusNone) comm.fence_out(caller);
+  }
   const int64_t extent = by_columns ? a.n : a.m;  // rows, or the same cut along the columns
   for (int i = 0; i < plan.pieces; ++i) {
     int64_t b = 0, e = 0;
@@ -182,8 +197,12 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     // whose GEMM runs beside this all-reduce; the last non-empty piece's all-reduce runs alone.
     const bool beside_gemm = e < extent;
     if (!by_columns) {
-      gemm_then_all_reduce(comm, a, e - b, a.n, offset(a.x, b * a.k, a.dtype), a.w, offset(a.y, b * a.n, a.dtype),
-                           with_bias ? a.bias : nullptr, sm_target, beside_gemm, ws, caller);
+      void* out = offset(window != nullptr ? static_cast<void*>(window) : a.y, b * a.n, a.dtype);
+      gemm_then_all_reduce(comm, a, e - b, a.n, offset(a.x, b * a.k, a.dtype), a.w, out, with_bias ? a.bias : nullptr,
+                           sm_target, beside_gemm, ws, caller);
+      if (window != nullptr)
+        TPEXT_CUDA_CHECK(cudaMemcpyAsync(offset(a.y, b * a.n, a.dtype), out, static_cast<size_t>((e - b) * a.n) * es,
+                                         cudaMemcpyDeviceToDevice, comm.stream()));
       continue;
     }
     // Column block [b, e): its rows of w are contiguous; it lands packed [m, e-b] in the scratch

@@ -21,8 +21,12 @@ namespace core = tpext::core;
 namespace {
 
 core::CommOptions make_options(const std::string& name, double timeout_s, int min_ctas, int max_ctas,
-                               bool blocking_collectives, int overlap_max_ctas) {
+                               bool blocking_collectives, int overlap_max_ctas, int64_t window_bytes) {
+  if (window_bytes < 0)
+    throw core::InvalidArgument("window_bytes: expected >= 0 bytes (0: no symmetric window), got " +
+                                std::to_string(window_bytes));
   core::CommOptions o;
+  o.window_bytes = static_cast<size_t>(window_bytes);
   o.overlap_max_ctas = overlap_max_ctas;
   o.blocking_collectives = blocking_collectives;
   o.name = name;
@@ -77,14 +81,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "comm_create",
       [](py::bytes uid, int rank, int size, int device, const std::string& name, double timeout_s, int min_ctas,
-         int max_ctas, bool blocking_collectives, int overlap_max_ctas) {
+         int max_ctas, bool blocking_collectives, int overlap_max_ctas, int64_t window_bytes) {
         std::string raw = uid;
         if (raw.size() != NCCL_UNIQUE_ID_BYTES)
           throw core::InvalidArgument("uid: expected " + std::to_string(NCCL_UNIQUE_ID_BYTES) +
                                       " bytes from tpext._C.unique_id(), got " + std::to_string(raw.size()));
         core::UniqueId id;
         std::copy(raw.begin(), raw.end(), id.begin());
-        auto opts = make_options(name, timeout_s, min_ctas, max_ctas, blocking_collectives, overlap_max_ctas);
+        auto opts =
+            make_options(name, timeout_s, min_ctas, max_ctas, blocking_collectives, overlap_max_ctas, window_bytes);
         py::gil_scoped_release no_gil;  // waits for the other ranks
         return register_communicator(core::Communicator::create(id, rank, size, device, opts));
       },
@@ -94,7 +99,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("blocking_collectives") = true,
       // > 0: a second twin capped at this many CTAs carries the collectives tpext overlaps with
       // its own GEMMs (CommOptions::overlap_max_ctas); split children inherit it.
-      py::arg("overlap_max_ctas") = -1);
+      py::arg("overlap_max_ctas") = -1,
+      // > 0: a symmetric NCCL window of that many bytes (CommOptions::window_bytes); split
+      // children inherit it.
+      py::arg("window_bytes") = 0);
 
   m.def(
       "comm_split",
@@ -165,6 +173,12 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("handle"));
 
+  m.def(
+      "comm_window_bytes",
+      [](int64_t handle) {
+        return static_cast<int64_t>(lookup_communicator(handle, "comm_window_bytes")->window_bytes());
+      },
+      py::arg("handle"));
   m.def(
       "comm_overlap_max_ctas",
       [](int64_t handle) { return lookup_communicator(handle, "comm_overlap_max_ctas")->overlap_max_ctas(); },

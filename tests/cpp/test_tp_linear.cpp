@@ -253,7 +253,10 @@ CommOptions options(const char* name) {
 
 // Row-parallel forward on n ranks: rank r holds x_r [m, k_r] and w_r [n_out, k_r] with uneven
 // k_r; y = sum_r x_r w_r^T + bias on every rank, for each chunk count.
-void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataType dt, bool bias) {
+// window_bytes > 0: the communicator has a symmetric NCCL window of that size, which the pieces
+// go through when the whole output fits.
+void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataType dt, bool bias,
+                       size_t window_bytes = 0) {
   std::vector<int64_t> k_of(n), k_begin(n);
   for (int r = 0, begin = 0; r < n; ++r) {
     k_of[r] = k_total / n + (r < k_total % n ? 1 : 0);
@@ -277,9 +280,15 @@ void row_parallel_case(int n, int64_t m, int64_t n_out, int64_t k_total, DataTyp
     }
   const UniqueId id = make_unique_id();
   const std::string tag = "n=" + std::to_string(n) + " m=" + std::to_string(m) + " n_out=" + std::to_string(n_out) +
-                          " k=" + std::to_string(k_total) + " " + dtype_name(dt) + (bias ? " bias" : "");
+                          " k=" + std::to_string(k_total) + " " + dtype_name(dt) + (bias ? " bias" : "") +
+                          " window=" + std::to_string(window_bytes);
   on_every_rank(n, [&](int r) {
-    auto comm = Communicator::create(id, r, n, r, options("row-parallel"));
+    CommOptions opts = options("row-parallel");
+    opts.window_bytes = window_bytes;
+    auto comm = Communicator::create(id, r, n, r, opts);
+    // One rank has nothing to all-reduce, so no window.
+    EXPECT_EQ(comm->window_bytes(), n > 1 ? window_bytes : 0) << "rank " << r;
+    EXPECT_EQ(comm->window() != nullptr, n > 1 && window_bytes > 0) << "rank " << r;
     std::vector<double> x_r(m * k_of[r]), w_r(n_out * k_of[r]);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t q = 0; q < k_of[r]; ++q) x_r[i * k_of[r] + q] = x_full[i * k_total + k_begin[r] + q];
@@ -371,6 +380,14 @@ TEST(RowParallelForwardGpu, EveryChunkCountMatchesTheFullProductBf16) {
   const int n = tp_test_ranks();
   row_parallel_case(n, 1024, 128, 256, DataType::kBFloat16, true);
   row_parallel_case(n, 1000, 64, 130, DataType::kBFloat16, false);
+}
+
+TEST(RowParallelForwardGpu, ThroughASymmetricWindowAndPastIt) {
+  TPEXT_REQUIRE_GPUS(1);
+  const int n = tp_test_ranks();
+  // 256 KiB of bf16 output in a 1 MiB window; 1000 x 96 fp32 (384 KB) past a 256 KiB one.
+  row_parallel_case(n, 1024, 128, 256, DataType::kBFloat16, true, size_t{1} << 20);
+  row_parallel_case(n, 1000, 96, 250, DataType::kFloat32, true, size_t{256} << 10);
 }
 
 // Column-parallel backward on n ranks: rank r holds w_r [n_r, k] (its output rows) and dy_r
