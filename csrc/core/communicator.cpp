@@ -29,6 +29,9 @@ std::string nccl_message(const char* what, const std::string& where, ncclResult_
   return msg;
 }
 
+// NCCL's MAXCHANNELS: a collective runs at most one CTA per channel.
+constexpr int kNcclMaxChannels = 64;
+
 // max_ctas > 0 overrides opts.max_ctas (the capped twin for collectives beside a GEMM); min_floor
 // > 0 raises minCTAs to at least that (the twin with a symmetric window).
 ncclConfig_t make_config(const CommOptions& opts, bool blocking = false, int max_ctas = -1, int min_floor = -1) {
@@ -39,7 +42,12 @@ ncclConfig_t make_config(const CommOptions& opts, bool blocking = false, int max
   if (max_ctas > 0) cfg.maxCTAs = max_ctas;
   // NCCL rejects minCTAs above maxCTAs; the capped twin lowers the floor with the cap.
   const int min_ctas = std::max(opts.min_ctas, min_floor);
-  if (min_ctas > 0) cfg.minCTAs = max_ctas > 0 ? std::min(min_ctas, max_ctas) : min_ctas;
+  if (min_ctas > 0) {
+    // NCCL (2.28.9) compares minCTAs with maxCTAs before it fills in the defaults, so a minCTAs
+    // with maxCTAs left undefined fails as an invalid argument: name NCCL's own ceiling then.
+    if (max_ctas <= 0) cfg.maxCTAs = kNcclMaxChannels;
+    cfg.minCTAs = std::min(min_ctas, cfg.maxCTAs);
+  }
   if (opts.cga_cluster_size >= 0) cfg.cgaClusterSize = opts.cga_cluster_size;
   return cfg;
 }
