@@ -241,23 +241,7 @@ def window_body():
     ref = torch.nn.functional.linear(x_full.double(), lin.weight.double(), lin.bias.double())
     assert_close_rel(y, ref, torch.float32, f"{tag}/big: output past the window")
     mlp, xs, _ = _mlp_and_data(tp, device, tag, "gelu")
-    static_x = xs[0].clone()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            mlp(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_y = mlp(static_x)
-    for i, x in enumerate(xs):
-        static_x.copy_(x)
-        graph.replay()
-        with torch.no_grad():
-            eager = mlp(x)
-        _assert_same(static_y, eager, f"{tag}: forward replay {i} (rank {tp.rank})")
-    del graph
+    check_forward_replays(mlp, xs, device, f"{tag} (rank {tp.rank})")
     tpext.destroy()
     assert tpext._C.live_handles() == [], f"communicators left after destroy: {tpext._C.live_handles()}"
 
@@ -285,6 +269,28 @@ def _assert_same(got, expected, what):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}")
 
 
+def check_forward_replays(mlp, xs, device, what):
+    """A CUDA graph of mlp's no-grad forward, captured on xs[0] and replayed on each of xs, gives
+    what eager mode gives. Warmed up on a side stream first: NCCL connects and cuBLASLt plans its
+    GEMMs on first use, neither of which may happen during capture."""
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            mlp(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = mlp(static_x)
+    for i, x in enumerate(xs):
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            eager = mlp(x)
+        _assert_same(static_y, eager, f"{what}: forward replay {i}")
+
+
 def graphs_body():
     tp, device, tag = _init()
     tag += "/graph"
@@ -297,29 +303,13 @@ def graphs_body():
             mlp.linear_fc2.chunks, mlp.linear_fc2.chunk_by = 3, cut
         params = list(mlp.parameters())
 
-        # Forward only. Warm up on a side stream first: NCCL connects and cuBLASLt plans its GEMMs
-        # on first use, neither of which may happen during capture.
-        static_x = xs[0].clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                mlp(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            static_y = mlp(static_x)
-        for i, x in enumerate(xs):
-            static_x.copy_(x)
-            graph.replay()
-            with torch.no_grad():
-                eager = mlp(x)
-            _assert_same(static_y, eager, f"{what}: forward replay {i}")
+        check_forward_replays(mlp, xs, device, what)
 
         # Forward + backward: gradients set to None before capture, so the captured backward
         # allocates them from the graph's pool and every replay overwrites them.
         static_x = xs[0].clone().requires_grad_()
         static_g = gs[0].clone()
+        side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):

@@ -677,8 +677,7 @@ void Communicator::destroy() {
     if (r != ncclSuccess) {
       std::string msg = nccl_message("ncclCommDestroy", describe(), r, nullptr);
       if (ctl_ != nullptr) (void)ncclCommAbort(ctl_), ctl_ = nullptr;
-      abort_locked();
-      free_window_memory();
+      abort_locked();  // frees the window's memory too
       throw NcclError(msg, r);
     }
   }

@@ -44,6 +44,12 @@ void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end, doub
   *end = std::min<int64_t>(m, per * (i + 1));
 }
 
+void check_tail_weight(const char* where, double tail_weight) {
+  if (!(tail_weight >= 0.0 && tail_weight <= 1.0))
+    throw_invalid_argument(std::string(where) + ": expected a share in (0, 1] of a piece's rows (0: the default), " +
+                           "got " + std::to_string(tail_weight));
+}
+
 namespace {
 void check_comm_sms(const std::string& where, int comm_sms) {
   if (comm_sms < 0)
@@ -162,9 +168,7 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
     throw_invalid_argument("row_parallel_forward: k: rank 0 holds an empty input shard (k == 0) but must add the bias; "
                            "use fewer ranks than input features");
   }
-  if (!(a.tail_weight >= 0.0 && a.tail_weight <= 1.0))
-    throw_invalid_argument("row_parallel_forward: tail_weight: expected a share in (0, 1] of a piece's rows (0: the "
-                           "default), got " + std::to_string(a.tail_weight));
+  check_tail_weight("row_parallel_forward: tail_weight", a.tail_weight);
   double tail_weight = a.tail_weight == 0.0 ? kDefaultRowTailWeight : a.tail_weight;
   if (by_columns) tail_weight = 1.0;
   // Pieces after the first run beside the previous piece's all-reduce.
@@ -179,7 +183,7 @@ void row_parallel_forward(Communicator& comm, const RowParallelForward& a, Works
   // comm stream still has in flight (an earlier op's copies, from any stream). Under capture that
   // wait would name work outside the graph; the graph's own ops are ordered by their fences.
   const size_t out_bytes = static_cast<size_t>(a.m * a.n) * es;
-  char* window = !by_columns && comm.size() > 1 && out_bytes <= comm.window_bytes()
+  char* window = !by_columns && out_bytes <= comm.window_bytes()  // no window (0 bytes) on one rank
                      ? static_cast<char*>(comm.window())
                      : nullptr;
   if (window != nullptr) {

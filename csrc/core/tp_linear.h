@@ -111,4 +111,7 @@ void chunk_rows(int64_t m, int chunks, int i, int64_t* begin, int64_t* end, doub
 // The tail weight of the row pieces when the caller leaves it at 0.
 constexpr double kDefaultRowTailWeight = 1.0;
 
+// Throws InvalidArgument, prefixed with `where`, unless 0 <= tail_weight <= 1 (0: the default).
+void check_tail_weight(const char* where, double tail_weight);
+
 }  // namespace tpext::core

@@ -31,9 +31,7 @@ std::atomic<double> g_row_tail_weight{0.0};
 double row_tail_weight() { return g_row_tail_weight.load(std::memory_order_relaxed); }
 
 void set_row_tail_weight(double weight) {
-  if (!(weight >= 0.0 && weight <= 1.0))
-    throw core::InvalidArgument("set_row_tail_weight: weight: expected a share in (0, 1] of a piece's rows (0: the "
-                                "default), got " + std::to_string(weight));
+  core::check_tail_weight("set_row_tail_weight: weight", weight);
   g_row_tail_weight.store(weight, std::memory_order_relaxed);
 }
 
