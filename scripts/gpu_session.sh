@@ -2,7 +2,8 @@
 # One batched run on a lent GPU box: build, C++ suite, Python suite, demo, benchmarks, profile.
 # Logs and JSON go to $OUT (or ./out) so they come back even when a step fails or the call's time
 # runs out. Usage:
-#   bash scripts/gpu_session.sh [tests] [demo] [bench-allreduce] [profile] [sweep] [chunk-by] [bench-mlp]
+#   bash scripts/gpu_session.sh [tests] [demo] [gemm-probe] [bench-allreduce] [profile] [sweep] [chunk-by]
+#                               [bench-mlp]
 # (default: tests demo bench-allreduce bench-mlp). Environment:
 #   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
 #   SWEEP        carve-outs for `sweep`: "S" (S SMs left to NCCL, its collectives beside a GEMM capped
@@ -10,6 +11,7 @@
 #   SWEEP_ROUNDS how many times the sweep goes through SWEEP, alternating (default 1); a setting's
 #                score is the median over its rounds (bench/sweep_score.py)
 #   MLP_ARGS     extra bench/mlp.py arguments
+#   GEMM_PROBE_ARGS  arguments of bench/gemm_sustained_probe.cpp (its header lists them)
 #   TPEXT_COMMIT the commit the JSON records, where the copy on the box has no .git (the device
 #                tool sends the working tree only): TPEXT_COMMIT=<sha> bash scripts/gpu_session.sh ...
 # A device call has ~10 minutes: `tests` takes ~5 of them on 2 GPUs (build included); `demo
@@ -56,6 +58,21 @@ if has tests; then wait "$cmake_pid"; echo "cmake build rc=$?"; fi  # no compile
 stamp "built"
 
 # Timed steps first, on an otherwise idle box.
+if has gemm-probe; then
+  # Every cuBLASLt candidate of the MLP's GEMMs under a sustained, power-capped load (one GPU),
+  # with the clocks and power nvidia-smi reads every 100 ms beside it.
+  if [ ! -x build/cmake/tpext_gemm_sustained_probe ]; then
+    (cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" -DTPEXT_BUILD_TESTS=OFF &&
+      cmake --build build/cmake --target tpext_gemm_sustained_probe) > "$OUT/cmake_probe.log" 2>&1
+  fi
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,temperature.gpu \
+    --format=csv -lms 100 > "$OUT/gemm-probe-smi.csv" 2>&1 &
+  smi_pid=$!
+  timeout $(( $(left) - 60 )) build/cmake/tpext_gemm_sustained_probe ${GEMM_PROBE_ARGS:-} > "$OUT/gemm-probe.txt" 2>&1
+  echo "gemm probe rc=$?"; grep -E "^(==|--)|<- best" "$OUT/gemm-probe.txt"
+  kill "$smi_pid" 2>/dev/null
+  stamp "gemm probe done"
+fi
 if has demo; then
   timeout 150 $RUN -m tpext > "$OUT/demo.log" 2>&1
   echo "demo rc=$?"; tail -30 "$OUT/demo.log"

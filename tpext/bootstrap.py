@@ -99,9 +99,10 @@ def init(tp_size: Optional[int] = None, timeout: Union[float, datetime.timedelta
     nccl_overlap_ctas: the most CTAs of the collectives tpext runs beside its own GEMMs (a
         row-parallel piece's all-reduce while the next piece multiplies, the column-parallel dx
         all-reduce beside the weight-gradient GEMM); pair it with tpext.set_overlap_sms(n). They
-        go through a second NCCL communicator capped at n, so the collectives that run alone (a
-        single piece, the last one, every plain collective) keep all the CTAs NCCL wants: capping
-        those only adds exposed time (bench/NOTES.md). None: no second communicator.
+        go through a second NCCL communicator capped at n (at nccl_max_ctas where that is lower),
+        so the collectives that run alone (a single piece, the last one, every plain collective)
+        keep all the CTAs NCCL wants: capping those only adds exposed time (bench/NOTES.md).
+        None: no second communicator.
     nccl_window_mib: a symmetric NCCL window of that many MiB per rank on each communicator of
         more than one rank (NCCL 2.27+: ncclMemAlloc memory registered with
         NCCL_WIN_COLL_SYMMETRIC). A row-parallel forward whose output fits writes it there, and

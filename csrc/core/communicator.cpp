@@ -100,6 +100,11 @@ void check_device(int device, const char* field) {
 
 }  // namespace
 
+int overlap_twin_max_ctas(const CommOptions& opts) {
+  if (opts.overlap_max_ctas <= 0) return -1;
+  return opts.max_ctas > 0 ? std::min(opts.overlap_max_ctas, opts.max_ctas) : opts.overlap_max_ctas;
+}
+
 UniqueId make_unique_id() {
   ncclUniqueId id;
   ncclResult_t r = ncclGetUniqueId(&id);
@@ -163,10 +168,12 @@ std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int
     const std::string where = std::string(which) + " of " + describe_rank(opts.name, rank, size, device);
     ncclConfig_t cfg = make_config(opts, /*blocking=*/true, max_ctas, min_floor);
     ncclResult_t r = ncclCommSplit(comm, 0, rank, out, &cfg);
-    if (r != ncclSuccess && r != ncclInProgress) throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
+    if (r != ncclSuccess && r != ncclInProgress)
+      throw NcclError(nccl_message("ncclCommSplit", where, r, comm), r);
     const auto deadline = deadline_after(opts.timeout_s);
     wait_init(comm, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
-    if (*out == nullptr) throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
+    if (*out == nullptr)
+      throw NcclError("tpext: ncclCommSplit returned no communicator for " + where, ncclInternalError);
     wait_init(*out, deadline, "ncclCommSplit", where, /*abort_on_failure=*/false);
   };
   const bool windowed = opts.window_bytes > 0 && opts.blocking_collectives && size > 1;
@@ -175,7 +182,7 @@ std::unique_ptr<Communicator> Communicator::adopt(ncclComm_t comm, int rank, int
     if (opts.blocking_collectives && size > 1) {
       blocking_twin("the blocking twin", -1, windowed ? opts.window_min_ctas : -1, &twin);
       if (opts.overlap_max_ctas > 0)
-        blocking_twin("the capped twin for overlapped collectives", opts.overlap_max_ctas, -1, &overlap);
+        blocking_twin("the capped twin for overlapped collectives", overlap_twin_max_ctas(opts), -1, &overlap);
       out.reset(new Communicator(twin, comm, overlap, rank, size, device, opts));
     } else {
       out.reset(new Communicator(comm, nullptr, nullptr, rank, size, device, opts));

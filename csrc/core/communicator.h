@@ -62,6 +62,12 @@ struct CommOptions {
   int window_min_ctas = 16;
 };
 
+// The maxCTAs of the twin that carries the beside_gemm collectives: overlap_max_ctas, or max_ctas
+// where that cap on every collective is the lower one (a collective beside a GEMM is one of every
+// collective, so it never gets more than max_ctas allows); -1 when there is no such twin
+// (overlap_max_ctas <= 0). Host logic only: no NCCL call.
+int overlap_twin_max_ctas(const CommOptions& opts);
+
 struct CommStats {
   std::array<uint64_t, kNumCollectiveKinds> calls{};
   std::array<uint64_t, kNumCollectiveKinds> bytes{};
@@ -130,7 +136,7 @@ class Communicator {
   const std::string& name() const { return opts_.name; }
   const CommOptions& options() const { return opts_; }
   // The CTA cap of the twin carrying beside_gemm collectives, -1 when they share comm_.
-  int overlap_max_ctas() const { return overlap_ != nullptr ? opts_.overlap_max_ctas : -1; }
+  int overlap_max_ctas() const { return overlap_ != nullptr ? overlap_twin_max_ctas(opts_) : -1; }
   // The symmetric window (CommOptions::window_bytes): null and 0 when there is none. The comm
   // stream reads and writes it; a caller that writes into it on its own stream must first wait
   // for the comm stream (fence_out) so that no earlier collective still uses it.

@@ -127,6 +127,21 @@ TEST(CommunicatorHost, CreateRejectsBadOptions) {
   }
 }
 
+// The capped twin never gets more CTAs than the cap on every collective allows: with
+// nccl_max_ctas=4 and nccl_overlap_ctas=8 a collective beside a GEMM takes at most 4.
+TEST(CommunicatorHost, OverlapTwinCapIsTheLowerOfTheTwoCaps) {
+  struct Row {
+    int overlap, max, expected;
+  };
+  const Row rows[] = {{-1, -1, -1}, {-1, 4, -1}, {8, -1, 8}, {8, 4, 4}, {4, 8, 4}, {8, 8, 8}, {1, 64, 1}};
+  for (const Row& r : rows) {
+    CommOptions opts = test_options("caps");
+    opts.overlap_max_ctas = r.overlap;
+    opts.max_ctas = r.max;
+    EXPECT_EQ(overlap_twin_max_ctas(opts), r.expected) << "overlap_max_ctas " << r.overlap << ", max_ctas " << r.max;
+  }
+}
+
 TEST(CommunicatorHost, CreateRejectsBadDevice) {
   // The device check asks CUDA how many devices there are. With GPUs, an index outside the range
   // is an InvalidArgument naming `device`; without a driver or device CUDA itself fails first and
