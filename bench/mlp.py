@@ -110,6 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--row-tail-weight", type=float, default=0.0,
                    help="tpext.set_row_tail_weight for the run: rows of the row-parallel forward's last piece "
                         "relative to each earlier one, in (0, 1] (default 0: tpext's default)")
+    p.add_argument("--gemm-autotune", type=int, default=0,
+                   help="tpext.set_gemm_autotune for the run: cuBLASLt candidates timed per GEMM problem of "
+                        "tpext's ops (tpext, floor-ops, single-ops); default 0: the heuristic's first choice")
+    p.add_argument("--gemm-autotune-sustain-ms", type=int, default=0,
+                   help="tpext.set_gemm_autotune_sustain_ms for the run: time each candidate under that many ms "
+                        "of sustained load (default 0: the short timing)")
     p.add_argument("--out", help="JSON path (default bench/results/mlp-<device>-x<n>-<stamp>.json)")
     p.add_argument("--point-s", type=float, default=None,
                    help="estimated seconds of timed calls per measurement (default 0.15 on GPU)")
@@ -600,6 +606,8 @@ def main(argv=None) -> int:
                                               args.nccl_window_mib)
     tpext.set_overlap_sms(args.overlap_sms)  # recorded in the JSON with the other args
     tpext.set_row_tail_weight(args.row_tail_weight)
+    tpext.set_gemm_autotune(args.gemm_autotune)  # the setters check the ranges
+    tpext.set_gemm_autotune_sustain_ms(args.gemm_autotune_sustain_ms)
     ctx = peers.Context(device=device, dtype=DTYPES[args.dtype], rank=tp.rank, size=tp.size, tp=tp,
                         torch_group=torch_group, chunk_by=args.chunk_by, chunks=args.chunks)
     try:

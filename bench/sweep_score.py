@@ -2,6 +2,7 @@
 
     python bench/sweep_score.py RESULT.json [MORE.json ...]  # the overlap sweep's score (lower is better)
     python bench/sweep_score.py --table RESULT.json          # tpext, floor-ops, collectives, exposed per row
+    python bench/sweep_score.py --ratio single-ops single RESULT.json  # one system against another per row
 
 The score weighs the two fwd+bwd floor goals of issue 5 alike: the mean of tpext / floor-ops at
 eager M=4096 and M=16384 fwd+bwd. Ratios to a floor measured interleaved in the same run, not
@@ -46,10 +47,25 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(rows, system, reference) -> str:
+    """Per (M, mode, eager | graph): both systems' times and system / reference, where both ran."""
+    by = {(r["M"], r["mode"], r["graph"], r["system"]): r["median_ms"] for r in rows}
+    lines = []
+    for (m, mode, graph) in sorted({(r["M"], r["mode"], r["graph"]) for r in rows}):
+        t, f = by.get((m, mode, graph, system)), by.get((m, mode, graph, reference))
+        if t is None or not f:
+            continue
+        lines.append(f"  M={m:<6} {mode:<6} {'graph' if graph else 'eager'}: {system} {t:.4f} ms, {reference} "
+                     f"{f:.4f}, {system}/{reference} {t / f:.4f}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+")
     p.add_argument("--table", action="store_true", help="print the first file's rows")
+    p.add_argument("--ratio", nargs=2, metavar=("SYSTEM", "REFERENCE"),
+                   help="print the first file's rows of SYSTEM against REFERENCE")
     args = p.parse_args()
     files = []
     for path in args.json:
@@ -61,6 +77,9 @@ def main() -> int:
             return 1
     if args.table:
         print(table(files[0]))
+        return 0
+    if args.ratio:
+        print(ratio_table(files[0], *args.ratio))
         return 0
     scores = [score(rows) for rows in files]
     if None in scores:

@@ -2,8 +2,8 @@
 # One batched run on a lent GPU box: build, C++ suite, Python suite, demo, benchmarks, profile.
 # Logs and JSON go to $OUT (or ./out) so they come back even when a step fails or the call's time
 # runs out. Usage:
-#   bash scripts/gpu_session.sh [tests] [demo] [gemm-probe] [bench-allreduce] [profile] [sweep] [chunk-by]
-#                               [bench-mlp]
+#   bash scripts/gpu_session.sh [tests] [demo] [gemm-probe] [autotune-ab] [bench-allreduce] [profile] [sweep]
+#                               [chunk-by] [bench-mlp]
 # (default: tests demo bench-allreduce bench-mlp). Environment:
 #   DEADLINE_S   seconds this script may take in all (default 570); each step gets what is left
 #   SWEEP        carve-outs for `sweep`: "S" (S SMs left to NCCL, its collectives beside a GEMM capped
@@ -12,6 +12,8 @@
 #                score is the median over its rounds (bench/sweep_score.py)
 #   MLP_ARGS     extra bench/mlp.py arguments
 #   GEMM_PROBE_ARGS  arguments of bench/gemm_sustained_probe.cpp (its header lists them)
+#   AB_SETTINGS  GEMM autotune settings for `autotune-ab`, "C:S" (C candidates, S ms sustained; 0:0 off);
+#                default "0:0 8:50"; AB_ROUNDS rounds through them, alternating (default 2)
 #   TPEXT_COMMIT the commit the JSON records, where the copy on the box has no .git (the device
 #                tool sends the working tree only): TPEXT_COMMIT=<sha> bash scripts/gpu_session.sh ...
 # A device call has ~10 minutes: `tests` takes ~5 of them on 2 GPUs (build included); `demo
@@ -72,6 +74,22 @@ if has gemm-probe; then
   echo "gemm probe rc=$?"; grep -E "^(==|--)|<- best" "$OUT/gemm-probe.txt"
   kill "$smi_pid" 2>/dev/null
   stamp "gemm probe done"
+fi
+if has autotune-ab; then
+  # tpext's GEMM ops (single-ops: the MLP on one GPU through tpext.linear / linear_backward) against
+  # torch's (single), with each autotune setting in turn, so that the ratio compares the settings
+  # within one run and the rounds show the drift between runs.
+  for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+    for setting in ${AB_SETTINGS:-0:0 8:50}; do
+      parse_setting "$setting"
+      timeout $(( $(left) - 20 )) $PY bench/mlp.py --workloads mlp-8192 -M 256,4096,16384 --modes fwd,fwdbwd \
+        --graph eager --systems single,single-ops --gemm-autotune "$s" --gemm-autotune-sustain-ms "$c" --no-plots \
+        --out "$OUT/autotune-c$s-s$c-r$round.json" > "$OUT/autotune-c$s-s$c-r$round.log" 2>&1
+      echo "autotune round $round candidates $s sustain $c ms rc=$?"
+      "$PY" bench/sweep_score.py --ratio single-ops single "$OUT/autotune-c$s-s$c-r$round.json"
+    done
+  done
+  stamp "autotune a/b done"
 fi
 if has demo; then
   timeout 150 $RUN -m tpext > "$OUT/demo.log" 2>&1

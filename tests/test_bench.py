@@ -114,3 +114,14 @@ def test_sweep_score_refuses_a_run_with_a_missing_row(tmp_path):
     cut = _rows({("tpext", 4096): 9.0, ("floor-ops", 4096): 8.0, ("tpext", 16384): 36.0})
     r = _score(tmp_path, whole, cut)
     assert r.returncode == 1 and r.stdout.strip() == "", r.stdout
+
+
+def test_sweep_score_ratio_table_compares_two_systems_row_by_row(tmp_path):
+    rows = _rows({("single-ops", 4096): 9.0, ("single", 4096): 10.0, ("single-ops", 16384): 30.0})
+    p = tmp_path / "ab.json"
+    p.write_text(json.dumps({"rows": rows}))
+    r = _run([sys.executable, "bench/sweep_score.py", "--ratio", "single-ops", "single", str(p)], timeout_s=60)
+    assert r.returncode == 0, r.stdout
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, f"only the row where both systems ran: {r.stdout}"
+    assert "M=4096" in lines[0] and "single-ops/single 0.9000" in lines[0], lines[0]

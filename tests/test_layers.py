@@ -515,6 +515,11 @@ TUNING_KNOBS = {
     # Off by default: results stay bitwise reproducible across runs.
     "gemm_autotune": (tpext.set_gemm_autotune, tpext.gemm_autotune, "autotuning must be opt-in",
                       (-1, 17), r"\bcandidates\b.*0 \(off\) to 16", (2.0, "8", True), r"\bcandidates\b", 8),
+    # 0 is the short timing: tuning under sustained load costs seconds per GEMM shape.
+    "gemm_autotune_sustain_ms": (tpext.set_gemm_autotune_sustain_ms, tpext.gemm_autotune_sustain_ms,
+                                 "the sustained timing must be asked for", (-1, 10001),
+                                 r"\bms\b.*0 \(the short timing\) to 10000", (50.0, "50", False, None), r"\bms\b",
+                                 50),
 }
 
 

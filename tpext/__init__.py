@@ -20,8 +20,8 @@ from .mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parall
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
 from .stats import reset_stats, stats
-from .tuning import (gemm_autotune, overlap_sms, row_tail_weight, set_gemm_autotune, set_overlap_sms,
-                     set_row_tail_weight)
+from .tuning import (gemm_autotune, gemm_autotune_sustain_ms, overlap_sms, row_tail_weight, set_gemm_autotune,
+                     set_gemm_autotune_sustain_ms, set_overlap_sms, set_row_tail_weight)
 from .attention import ParallelAttention, head_layout
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .cross_entropy import vocab_parallel_cross_entropy
@@ -65,6 +65,8 @@ __all__ = [
     "row_tail_weight",
     "set_gemm_autotune",
     "gemm_autotune",
+    "set_gemm_autotune_sustain_ms",
+    "gemm_autotune_sustain_ms",
     "ParallelAttention",
     "head_layout",
     "VocabParallelEmbedding",

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import debug
+from . import _C, debug
 from .errors import call_native
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -147,9 +147,16 @@ class RowParallelLinearFunction(torch.autograd.Function):
         grad = grad.contiguous()
         dx = dw = db = None
         if ctx.native:
-            if need_x or need_w or need_b:
-                dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b, need_x,
-                                         need_w or need_b)
+            # The bias is replicated, so its gradient must come out bitwise the same on every rank.
+            # The weight-gradient GEMM's epilogue gives that only while every rank runs the same
+            # algorithm; autotuning may pick another per rank, so torch sums it then.
+            sum_bias_in_torch = need_b and _C.gemm_autotune() > 1
+            need_b_native = need_b and not sum_bias_in_torch
+            if need_x or need_w or need_b_native:
+                dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b_native, need_x,
+                                         need_w or need_b_native)
+            if sum_bias_in_torch:
+                db = _rows(grad).sum(0)
         else:
             if need_x:
                 dx = grad.matmul(weight)

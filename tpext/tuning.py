@@ -4,6 +4,7 @@
     tpext.overlap_sms()          # -> 16
     tpext.set_row_tail_weight(0.5)  # the row-parallel forward's last piece half the others
     tpext.set_gemm_autotune(8)   # time cuBLASLt's 8 best algorithms per GEMM problem, keep the fastest
+    tpext.set_gemm_autotune_sustain_ms(50)  # ... each under 50 ms of sustained load, as training runs them
 
 Overlap: the row-parallel forward runs the GEMM of piece i+1 (rows or column blocks) while piece i
 is all-reduced, and the column-parallel backward runs the weight-gradient GEMM while the input
@@ -29,12 +30,25 @@ GEMM + GELU at some sizes). With set_gemm_autotune(n), the first call of each di
 (shapes, layouts, dtype, epilogue, alignment) outside CUDA-graph capture times the heuristic's best
 n algorithms on its own operands and keeps the fastest for every later call (the heuristic's first
 choice unless another is at least 3 % faster); under capture the first choice runs and the next
-eager call tunes. The price: one host wait per new problem, and the choice
-may differ between processes and ranks, so results stop being bitwise reproducible across runs
-(rounding differs between algorithms). Off (0) by default for that reason; GEMMs that accumulate
-into their output or write a bias gradient are never tuned. Measured on one H100 (bench/NOTES.md, attempt 5): 7-8 % faster
-training fc1 at 512-1024 tokens, 2-3 % slower at 256 tokens (fc1) and 4096-16384 (fc2), where the
-tuner's back-to-back timing disagrees with use: not yet worth turning on for those sizes.
+eager call tunes. Before any timing, each algorithm's outputs on those operands must agree with the
+first choice's (a lower-ranked cuBLASLt algorithm once wrote one bias-gradient element of many), or
+it is never kept. The price: one host wait per new problem, and the choice may differ between
+processes and ranks, so results stop being bitwise reproducible across runs (rounding differs
+between algorithms). Off (0) by default for that reason; GEMMs that accumulate into their output are
+never tuned. The one replicated result a GEMM computes without a collective after it, a
+row-parallel layer's bias gradient, is summed by torch while tuning is on, so that it stays
+bitwise the same on every rank. Measured on one H100 with the short timing (bench/NOTES.md,
+attempt 5): 7-8 % faster training fc1 at 512-1024 tokens, 2-3 % slower at 256 tokens (fc1) and
+4096-16384 (fc2), where the short timing disagrees with use.
+
+set_gemm_autotune_sustain_ms(ms) times each candidate the way a training step runs its GEMMs: back
+to back for ms milliseconds, until the GPU sits at its power limit and its clocks drop (~1500 MHz
+at 700 W on an H200), then as long again timed, in three rounds; another algorithm is kept only
+when faster than the first choice in every round and by 1 % at the median. Under that load the
+weight-gradient GEMMs of an 8192 x 28672 MLP run 3-6 % faster on a lower-ranked tile than on the
+heuristic's first choice (bench/gemm_sustained_probe.cpp, bench/NOTES.md attempt 11). It costs
+about 6 x ms per candidate and GEMM problem, once: seconds per shape at 50 ms, so it suits training
+with fixed shapes, not inference with ever new ones. 0 (the default) keeps the short timing.
 """
 from . import _C
 
@@ -81,3 +95,16 @@ def set_gemm_autotune(candidates: int) -> None:
 def gemm_autotune() -> int:
     """The current set_gemm_autotune value."""
     return int(_C.gemm_autotune())
+
+
+def set_gemm_autotune_sustain_ms(ms: int) -> None:
+    """How set_gemm_autotune times each candidate: 0 a few short runs (the default), ms > 0 back to
+    back for ms milliseconds after as long again of warm-up, three rounds (up to 10000; the C++
+    setter raises ValueError outside [0, 10000]). GEMM problems tuned one way stay cached beside
+    those tuned the other."""
+    _C.set_gemm_autotune_sustain_ms(_int_arg("set_gemm_autotune_sustain_ms", "ms", ms))
+
+
+def gemm_autotune_sustain_ms() -> int:
+    """The current set_gemm_autotune_sustain_ms value."""
+    return int(_C.gemm_autotune_sustain_ms())

@@ -15,6 +15,7 @@ namespace {
 constexpr size_t kMiB = size_t{1} << 20;
 
 std::atomic<int> g_autotune{0};
+std::atomic<int> g_autotune_sustain_ms{0};
 
 // Takes the desc rather than a message so that the description is formatted only on failure.
 void check_cuda_for(cudaError_t result, const char* call, const MatmulDesc& desc) {
@@ -61,13 +62,14 @@ void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
   // One candidate is no tuning: the same plan as with autotuning off.
   const int requested = g_autotune.load(std::memory_order_relaxed);  // read once: a concurrent set must not split the key
   const int autotune = requested > 1 ? requested : 0;
-  const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes, autotune);
+  const int sustain_ms = autotune > 0 ? g_autotune_sustain_ms.load(std::memory_order_relaxed) : 0;
+  const MatmulKey key = make_matmul_key(d, ptrs, device, workspace_bytes, autotune, sustain_ms);
   std::shared_ptr<MatmulPlan> plan = find_plan(key);
   if (!plan) {
     // Built outside the cache lock: a heuristic query must not stall other threads' lookups.
     // A plan that fails to build throws here and leaves nothing cached.
     plan = insert_plan(key, std::make_shared<MatmulPlan>(cublaslt_handle(device), d, ptrs,
-                                                         workspace_bytes, autotune));
+                                                         workspace_bytes, autotune, sustain_ms));
   }
   plan->run(ptrs, workspace, workspace_bytes, stream);  // tunes first when this plan has candidates and is untuned
 }
@@ -98,5 +100,15 @@ void set_matmul_autotune(int candidates) {
 }
 
 int matmul_autotune() { return g_autotune.load(std::memory_order_relaxed); }
+
+void set_matmul_autotune_sustain_ms(int ms) {
+  if (ms < 0 || ms > kMaxAutotuneSustainMs)
+    throw_invalid_argument("set_matmul_autotune_sustain_ms: ms: expected 0 (the short timing) to " +
+                           std::to_string(kMaxAutotuneSustainMs) + " milliseconds per timing, got " +
+                           std::to_string(ms));
+  g_autotune_sustain_ms.store(ms, std::memory_order_relaxed);
+}
+
+int matmul_autotune_sustain_ms() { return g_autotune_sustain_ms.load(std::memory_order_relaxed); }
 
 }  // namespace tpext::core

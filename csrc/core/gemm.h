@@ -95,17 +95,30 @@ size_t matmul_cache_size();
 
 // Autotuning, process-wide, off by default. With `candidates` = n >= 2, the first call of each
 // distinct GEMM that runs outside CUDA-graph capture asks the heuristic for its best n algorithms,
-// times each on that call's own operands (a warm-up, then three rounds of two runs, each
-// algorithm's best round; CUDA events, host waits) and keeps the fastest for every later call of
-// the same problem, the heuristic's first choice unless another is at least 3 % faster. GEMMs that
-// accumulate into D or write a bias gradient keep the first choice untimed. The heuristic's first
-// choice is not always the fastest (bench/gemm_compare.py: tpext's bias+GELU+aux GEMM 3-8 %
-// behind torch's GEMM + GELU at some sizes). Costs: the host wait once per problem, and the choice
-// can differ between runs and ranks, so results are no longer bitwise reproducible across
-// processes; hence opt-in. Accumulating GEMMs (D += ...) are never tuned (the timed runs would
-// add into D). 0 or 1: the heuristic's first choice. Throws InvalidArgument outside [0, 16].
+// runs each once on that call's own operands and drops those whose outputs disagree with the first
+// choice's (gemm_verify.h), times the rest (CUDA events, host waits) and keeps the fastest for
+// every later call of the same problem. The timing is short by default (three rounds of two runs,
+// each algorithm's best round; another algorithm is kept only when at least 3 % faster) or
+// sustained (set_matmul_autotune_sustain_ms). GEMMs that accumulate into D keep the first choice
+// untimed (the timed runs would add into D). The heuristic's first choice is not always the
+// fastest (bench/gemm_compare.py: tpext's bias+GELU+aux GEMM 3-8 % behind torch's GEMM + GELU at
+// some sizes; bench/gemm_sustained_probe.cpp: weight-gradient GEMMs 3-6 % behind another tile
+// under sustained load). Costs: the host wait once per problem, and the choice can differ between
+// runs and ranks, so results are no longer bitwise reproducible across processes; hence opt-in.
+// 0 or 1: the heuristic's first choice. Throws InvalidArgument outside [0, 16].
 void set_matmul_autotune(int candidates);
 int matmul_autotune();
 constexpr int kMaxAutotuneCandidates = 16;
+
+// How autotuning times each candidate. 0 (the default): the short timing above, a few runs, which
+// costs little per problem but sees the GPU at the clocks of a short burst. ms > 0: each candidate
+// runs back to back for ms milliseconds (the GPU's clocks and power settle, as in a training step
+// that holds it at its power limit), then as long again timed; three rounds in rotated order; a
+// candidate is kept only when faster than the first choice in every round and by at least 1 % at
+// the median. Tuning then costs about 6 x ms per candidate and problem, once. A plan tuned one way
+// is another plan than one tuned the other. Throws InvalidArgument outside [0, 10000].
+void set_matmul_autotune_sustain_ms(int ms);
+int matmul_autotune_sustain_ms();
+constexpr int kMaxAutotuneSustainMs = 10000;
 
 }  // namespace tpext::core

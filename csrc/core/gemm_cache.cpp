@@ -14,8 +14,8 @@ constexpr size_t kMaxPlans = 4096;
 
 auto tie(const MatmulKey& k) {
   return std::tie(k.device, k.m, k.n, k.k, k.lda, k.ldb, k.ldd, k.ldaux, k.trans_a, k.trans_b,
-                  k.accumulate, k.allow_tf32, k.sm_count_target, k.autotune, k.dtype, k.epilogue, k.workspace_bytes, k.align_a,
-                  k.align_b, k.align_d, k.align_bias, k.align_aux, k.align_bgrad);
+                  k.accumulate, k.allow_tf32, k.sm_count_target, k.autotune, k.autotune_sustain_ms, k.dtype, k.epilogue,
+                  k.workspace_bytes, k.align_a, k.align_b, k.align_d, k.align_bias, k.align_aux, k.align_bgrad);
 }
 
 struct PlanCache {
@@ -51,6 +51,7 @@ size_t MatmulKeyHash::operator()(const MatmulKey& k) const {
   mix((static_cast<uint64_t>(k.dtype) << 8) | static_cast<uint64_t>(k.epilogue));
   mix(static_cast<uint64_t>(k.sm_count_target));
   mix(static_cast<uint64_t>(k.autotune));
+  mix(static_cast<uint64_t>(k.autotune_sustain_ms));
   mix(static_cast<uint64_t>(k.workspace_bytes));
   mix((uint64_t{k.align_a} << 0) | (uint64_t{k.align_b} << 8) | (uint64_t{k.align_d} << 16) |
       (uint64_t{k.align_bias} << 24) | (uint64_t{k.align_aux} << 32) |
@@ -59,7 +60,7 @@ size_t MatmulKeyHash::operator()(const MatmulKey& k) const {
 }
 
 MatmulKey make_matmul_key(const MatmulDesc& desc, const MatmulPointers& ptrs, int device,
-                          size_t workspace_bytes, int autotune) {
+                          size_t workspace_bytes, int autotune, int autotune_sustain_ms) {
   const MatmulDesc d = with_resolved_leading_dims(desc);
   MatmulKey key;
   key.device = device;
@@ -76,6 +77,7 @@ MatmulKey make_matmul_key(const MatmulDesc& desc, const MatmulPointers& ptrs, in
   key.allow_tf32 = d.allow_tf32;
   key.sm_count_target = d.sm_count_target;
   key.autotune = autotune;
+  key.autotune_sustain_ms = autotune_sustain_ms;
   key.dtype = d.dtype;
   key.epilogue = d.epilogue;
   key.workspace_bytes = workspace_bytes;

@@ -22,6 +22,7 @@ struct MatmulKey {
   bool trans_a = false, trans_b = false, accumulate = false, allow_tf32 = false;
   int sm_count_target = 0;
   int autotune = 0;  // matmul_autotune() when the plan was made: a plan tuned or not is another plan
+  int autotune_sustain_ms = 0;  // and how it was tuned (0 when autotune is 0)
   DataType dtype = DataType::kFloat32;
   Epilogue epilogue = Epilogue::kNone;
   size_t workspace_bytes = 0;
@@ -38,7 +39,7 @@ struct MatmulKeyHash {
 // `desc` must be valid; its 0 (packed) leading dimensions are resolved first, so a packed desc
 // and the same desc with explicit row lengths share a plan.
 MatmulKey make_matmul_key(const MatmulDesc& desc, const MatmulPointers& ptrs, int device,
-                          size_t workspace_bytes, int autotune = 0);
+                          size_t workspace_bytes, int autotune = 0, int autotune_sustain_ms = 0);
 
 // The cached plan for `key`, or null.
 std::shared_ptr<MatmulPlan> find_plan(const MatmulKey& key);

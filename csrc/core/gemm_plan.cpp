@@ -1,7 +1,5 @@
 #include "gemm_plan.h"
 
-#include <algorithm>
-#include <limits>
 #include <string>
 #include <unordered_map>
 
@@ -116,8 +114,8 @@ uint8_t alignment_class(const void* p) {
 }
 
 MatmulPlan::MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
-                       size_t workspace_bytes, int candidates)
-    : handle_(handle), desc_(desc), what_(describe(desc)) {
+                       size_t workspace_bytes, int candidates, int sustain_ms)
+    : handle_(handle), desc_(desc), what_(describe(desc)), sustain_ms_(sustain_ms) {
   const cudaDataType_t type = cuda_type(desc.dtype);
   const cublasComputeType_t compute =
       desc.allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -253,88 +251,6 @@ bool MatmulPlan::tuned() const {
 size_t MatmulPlan::chosen() const {
   std::lock_guard<std::mutex> lock(mu_);
   return chosen_;
-}
-
-namespace {
-
-// CUDA events for timing, destroyed on every path out of tune().
-struct TimingEvents {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  TimingEvents() {
-    TPEXT_CUDA_CHECK(cudaEventCreate(&start));
-    const cudaError_t made = cudaEventCreate(&stop);
-    if (made != cudaSuccess) {
-      (void)cudaEventDestroy(start);
-      TPEXT_CUDA_CHECK(made);
-    }
-  }
-  ~TimingEvents() {
-    (void)cudaEventDestroy(start);
-    (void)cudaEventDestroy(stop);
-  }
-};
-
-// While tuning waits on the host, another thread may be capturing a CUDA graph in global mode,
-// which forbids such waits process-wide; relaxed mode for this thread, restored on the way out.
-struct RelaxedCaptureMode {
-  cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
-  RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
-  ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
-};
-
-}  // namespace
-
-void MatmulPlan::tune_locked(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
-                             cudaStream_t stream) {
-  // Not timed, the heuristic's first choice kept: accumulating GEMMs (every timed run would add
-  // into D), and epilogues that write a bias gradient. Lower-ranked bias-gradient algorithms were
-  // the wrong ones on 2 H200s (float16, one column: GemmGpu.BiasGradientOfThinWgradGemms, which
-  // bgrad_epilogue_supported now excludes), and the first choice is what the untuned tests check.
-  if (desc_.accumulate || epilogue_writes_bgrad(desc_.epilogue)) {
-    tuned_ = true;
-    return;
-  }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TPEXT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;  // no timing inside a graph; the next eager call tunes
-  RelaxedCaptureMode relaxed;
-  TimingEvents events;
-  // Rounds over all candidates, each candidate's best round kept: a single short timing is at the
-  // mercy of clocks and of whatever ran just before (a first tuner on H100 that timed each
-  // candidate once, three runs, kept slower algorithms as often as faster ones).
-  constexpr int kRounds = 3, kTimedRuns = 2;
-  // Untimed (and refused: cuBLASLt would not run it) candidates stay at +inf, which no bar passes.
-  std::vector<float> best_ms(candidates_.size(), std::numeric_limits<float>::infinity());
-  std::vector<bool> usable(candidates_.size(), true);
-  for (size_t i = 0; i < candidates_.size(); ++i)  // one warm-up each; a refused one is passed over
-    usable[i] = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
-  for (int round = 0; round < kRounds; ++round) {
-    for (size_t i = 0; i < candidates_.size(); ++i) {
-      if (!usable[i]) continue;
-      TPEXT_CUDA_CHECK(cudaEventRecord(events.start, stream));
-      for (int r = 0; r < kTimedRuns && usable[i]; ++r)
-        usable[i] = enqueue(candidates_[i], ptrs, workspace, workspace_bytes, stream) == CUBLAS_STATUS_SUCCESS;
-      TPEXT_CUDA_CHECK(cudaEventRecord(events.stop, stream));
-      TPEXT_CUDA_CHECK(cudaEventSynchronize(events.stop));
-      float ms = 0.0f;
-      TPEXT_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
-      best_ms[i] = usable[i] ? std::min(best_ms[i], ms) : std::numeric_limits<float>::infinity();
-    }
-  }
-  // The heuristic's first choice stays unless another is clearly faster: differences of a few
-  // percent are within what these short timings can tell apart. A first choice that could not be
-  // timed sets no bar.
-  constexpr float kMargin = 0.97f;
-  size_t best = 0;
-  float bar = best_ms[0] * kMargin;  // +inf when the first choice could not be timed
-  for (size_t i = 1; i < candidates_.size(); ++i) {
-    if (best_ms[i] < bar) {
-      best = i;
-      bar = best_ms[i];
-    }
-  }
-  chosen_ = best;  // the heuristic's first choice when no candidate could be timed
-  tuned_ = true;
 }
 
 }  // namespace tpext::core

@@ -36,9 +36,10 @@ class MatmulPlan {
  public:
   // `desc` has resolved leading dimensions and has been validated, with m, n, k > 0. `ptrs` are
   // the first call's: the heuristic reads the alignment of every pointer, bias and aux included.
-  // `candidates` > 1 keeps that many of the heuristic's algorithms for run() to choose from.
+  // `candidates` > 1 keeps that many of the heuristic's algorithms for run() to choose from, timed
+  // the short way (sustain_ms = 0) or under sustained load (see set_matmul_autotune_sustain_ms).
   MatmulPlan(cublasLtHandle_t handle, const MatmulDesc& desc, const MatmulPointers& ptrs,
-             size_t workspace_bytes, int candidates = 1);
+             size_t workspace_bytes, int candidates = 1, int sustain_ms = 0);
   MatmulPlan(const MatmulPlan&) = delete;
   MatmulPlan& operator=(const MatmulPlan&) = delete;
 
@@ -56,6 +57,9 @@ class MatmulPlan {
   size_t candidate_count() const { return candidates_.size(); }
   // Index into those of the algorithm run() uses: 0 (the heuristic's first choice) until tuned.
   size_t chosen() const;
+  // Candidates that ran while tuning but whose outputs disagreed with the first choice's
+  // (gemm_verify.h), so were never kept. 0 until tuned.
+  size_t rejected() const;
   // Enqueues candidate i (< candidate_count()) as run() enqueues the chosen one, without tuning:
   // for tests that check every algorithm the heuristic offers.
   cublasStatus_t run_candidate(size_t i, const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
@@ -65,8 +69,18 @@ class MatmulPlan {
 
  private:
   void set_epilogue_pointers(const MatmulPointers& ptrs);
-  // Times the candidates and sets chosen_ and tuned_ (see run); the caller holds mu_.
+  // Checks and times the candidates and sets chosen_ and tuned_ (see run; gemm_tune.cpp); the
+  // caller holds mu_.
   void tune_locked(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+  // Which candidates run and agree with the first choice's outputs on these operands (all false
+  // when the first choice itself cannot run); counts the others in rejected_.
+  std::vector<bool> checked_candidates_locked(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
+                                              cudaStream_t stream);
+  // The candidate to keep among the usable ones, by the short or the sustained timing.
+  size_t fastest_short_locked(const std::vector<bool>& usable, const MatmulPointers& ptrs, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream);
+  size_t fastest_sustained_locked(const std::vector<bool>& usable, const MatmulPointers& ptrs, void* workspace,
+                                  size_t workspace_bytes, cudaStream_t stream);
   // One cublasLtMatmul with `algo`; the caller holds mu_.
   cublasStatus_t enqueue(const cublasLtMatmulAlgo_t& algo, const MatmulPointers& ptrs, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);
@@ -80,7 +94,9 @@ class MatmulPlan {
   std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_cublas_b_;
   std::unique_ptr<cublasLtMatrixLayoutOpaque_t, CublasLtDeleter> layout_d_;
   std::vector<cublasLtMatmulAlgo_t> candidates_;  // the heuristic's order; [0] its first choice
+  int sustain_ms_ = 0;
   size_t chosen_ = 0;
+  size_t rejected_ = 0;
   bool tuned_ = false;
   // The bias/aux pointers live in op_, so setting them and enqueueing must not interleave
   // between threads. cublasLtMatmul reads the descriptor during the call only, so the lock is

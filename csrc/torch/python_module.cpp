@@ -77,6 +77,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_gemm_autotune", &core::set_matmul_autotune, py::arg("candidates"),
         "Time the heuristic's best `candidates` cuBLASLt algorithms per GEMM problem, keep the fastest (0: off).");
   m.def("gemm_autotune", &core::matmul_autotune);
+  m.def("set_gemm_autotune_sustain_ms", &core::set_matmul_autotune_sustain_ms, py::arg("ms"),
+        "How autotuning times each candidate: 0 a few short runs, ms > 0 back to back for ms milliseconds.");
+  m.def("gemm_autotune_sustain_ms", &core::matmul_autotune_sustain_ms);
 
   m.def(
       "comm_create",

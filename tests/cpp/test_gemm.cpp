@@ -29,6 +29,7 @@
 #include "core/gemm_cache.h"
 #include "core/gemm_check.h"
 #include "core/gemm_plan.h"
+#include "core/gemm_verify.h"
 #include "gpu_test_util.h"
 
 namespace tpext::core {
@@ -476,6 +477,7 @@ TEST(GemmCacheKey, EveryFieldSplitsTheKey) {
   EXPECT_NE(key, make_matmul_key(base, p, 1, 1024)) << "device";
   EXPECT_NE(key, make_matmul_key(base, p, 0, 2048)) << "workspace_bytes";
   EXPECT_NE(key, make_matmul_key(base, p, 0, 1024, 8)) << "autotune";
+  EXPECT_NE(make_matmul_key(base, p, 0, 1024, 8), make_matmul_key(base, p, 0, 1024, 8, 50)) << "autotune_sustain_ms";
 
   // The heuristic picks kernels by alignment, so each pointer's class is part of the key.
   auto shifted = [](const void* ptr) { return static_cast<char*>(const_cast<void*>(ptr)) + 8; };
@@ -1281,11 +1283,18 @@ TEST(GemmGpu, LinearLayerForwardAndBackward) {
   }
 }
 
-// Sets the process-wide autotune count for one test and puts it back.
+// Sets the process-wide autotune count (and how candidates are timed) for one test and puts both back.
 struct AutotuneScope {
-  explicit AutotuneScope(int candidates) : previous(matmul_autotune()) { set_matmul_autotune(candidates); }
-  ~AutotuneScope() { set_matmul_autotune(previous); }
-  int previous;
+  explicit AutotuneScope(int candidates, int sustain_ms = 0)
+      : previous(matmul_autotune()), previous_sustain_ms(matmul_autotune_sustain_ms()) {
+    set_matmul_autotune(candidates);
+    set_matmul_autotune_sustain_ms(sustain_ms);
+  }
+  ~AutotuneScope() {
+    set_matmul_autotune(previous);
+    set_matmul_autotune_sustain_ms(previous_sustain_ms);
+  }
+  int previous, previous_sustain_ms;
 };
 
 TEST(GemmAutotune, CandidateCountIsChecked) {
@@ -1303,15 +1312,30 @@ TEST(GemmAutotune, CandidateCountIsChecked) {
   EXPECT_EQ(matmul_autotune(), kMaxAutotuneCandidates);
 }
 
+TEST(GemmAutotune, SustainTimeIsChecked) {
+  const int before = matmul_autotune_sustain_ms();
+  for (int bad : {-1, kMaxAutotuneSustainMs + 1}) {
+    try {
+      set_matmul_autotune_sustain_ms(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("ms: expected 0"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(matmul_autotune_sustain_ms(), before) << "a rejected value must leave the setting alone";
+  }
+  AutotuneScope scope(8, 50);
+  EXPECT_EQ(matmul_autotune_sustain_ms(), 50);
+}
+
 // Whichever algorithm the timing picks, every epilogue, layout and dtype still matches the
 // reference; accumulating GEMMs (not tuned) too. Then the plan of one large problem must have
 // had several algorithms to choose from and be marked tuned.
-TEST(GemmGpu, AutotunedPlansStayCorrect) {
-  TPEXT_REQUIRE_GPUS(1);
+// Both timings: the short one (sustain_ms 0) and the sustained one, whose plans of a bias-gradient
+// epilogue are tuned too (checked against the first choice's outputs before one is kept).
+void expect_autotuned_plans_correct(int sustain_ms, uint32_t seed) {
   GpuEnv env;
-  AutotuneScope scope(8);
+  AutotuneScope scope(8, sustain_ms);
   const Shape shapes[] = {{17, 33, 65}, {256, 512, 384}};
-  uint32_t seed = 30000;
   for (DataType dt : kDtypes)
     for (Epilogue e : kAllEpilogues)
       for (int t = 0; t < 4; ++t) {
@@ -1330,14 +1354,32 @@ TEST(GemmGpu, AutotunedPlansStayCorrect) {
       }
   int device = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  const Case big = gemm_case(256, 512, 384, false, true, DataType::kBFloat16, Epilogue::kBiasGeluAux, 0, 1);
-  // run_case's buffers are fresh allocations: 16-byte aligned, as the fake pointers are.
-  const auto plan = find_plan(make_matmul_key(desc_for(big), pointers_for(big.epilogue), device,
-                                              env.workspace_bytes, 8));
-  ASSERT_NE(plan, nullptr) << "no plan cached under the autotune key";
-  EXPECT_GT(plan->candidate_count(), 1u) << "the heuristic offered one algorithm: nothing was tuned";
-  EXPECT_TRUE(plan->tuned());
-  EXPECT_LT(plan->chosen(), plan->candidate_count());
+  for (const Case& big : {gemm_case(256, 512, 384, false, true, DataType::kBFloat16, Epilogue::kBiasGeluAux, 0, 1),
+                          gemm_case(256, 512, 384, true, false, DataType::kBFloat16, Epilogue::kBgrad, 0, 1)}) {
+    SCOPED_TRACE(describe_case(big));
+    // run_case's buffers are fresh allocations: 16-byte aligned, as the fake pointers are.
+    const auto plan = find_plan(make_matmul_key(desc_for(big), pointers_for(big.epilogue), device,
+                                                env.workspace_bytes, 8, sustain_ms));
+    ASSERT_NE(plan, nullptr) << "no plan cached under the autotune key";
+    EXPECT_GT(plan->candidate_count(), 1u) << "the heuristic offered one algorithm: nothing was tuned";
+    EXPECT_TRUE(plan->tuned());
+    EXPECT_LT(plan->chosen(), plan->candidate_count());
+    std::cout << "[autotune sustain_ms=" << sustain_ms << "] " << describe_case(big) << ": chose "
+              << plan->chosen() << " of " << plan->candidate_count() << ", " << plan->rejected()
+              << " rejected by the output check\n";
+  }
+}
+
+TEST(GemmGpu, AutotunedPlansStayCorrect) {
+  TPEXT_REQUIRE_GPUS(1);
+  expect_autotuned_plans_correct(0, 30000);
+}
+
+// 1 ms per timing: what is tested is the mechanism (rotated rounds, the per-call time, the check),
+// not which algorithm wins.
+TEST(GemmGpu, SustainedAutotunedPlansStayCorrect) {
+  TPEXT_REQUIRE_GPUS(1);
+  expect_autotuned_plans_correct(1, 35000);
 }
 
 // Thin weight-gradient GEMMs with the bias-gradient epilogue, as a row-parallel rank holding one to
@@ -1346,8 +1388,8 @@ TEST(GemmGpu, AutotunedPlansStayCorrect) {
 // (5673920): in float16 with n = 1, 20 of the 32 candidates over these four shapes (all of them
 // algorithm 13; the heuristic's first choice at 64 x 1 x 4096 and 1024 x 1 x 2048 among them)
 // write the first of the m bias-gradient elements only; bfloat16, float32 and n = 2, 3 were
-// right. So matmul() rejects that case (bgrad_epilogue_supported) and tuning keeps the first
-// choice for bias-gradient epilogues. Every
+// right. So matmul() rejects that case (bgrad_epilogue_supported), and the tuner keeps a candidate
+// only once its outputs agreed with the first choice's (gemm_verify.h). Every
 // candidate is run here on fresh poisoned buffers, once and twice in a row (an algorithm that adds
 // into its output would double it), its failures captured and printed rather than failed: a wrong
 // candidate is cuBLASLt's, and only matters if matmul() can run it, which must then be right.
@@ -1387,9 +1429,10 @@ TEST(GemmGpu, BiasGradientOfThinWgradGemms) {
             std::cout << "[cuBLASLt candidate wrong] " << describe_case(c) << " candidate " << i << " of "
                       << candidates << " (" << config << "), " << runs << " run(s): "
                       << failures.GetTestPartResult(0).message() << "\n";
-            // What matmul() may run: the first choice of a bias-gradient plan (never tuned), any
-            // candidate of a plain one (tuned). float16 with n = 1 and bgrad is rejected instead.
-            const bool reachable = e == Epilogue::kNone || (i == 0 && bgrad_epilogue_supported(dt, sh.n));
+            // What matmul() may run: any candidate, tuned (bias-gradient plans too, behind the
+            // output check, which this does not count on). float16 with n = 1 and bgrad is
+            // rejected instead.
+            const bool reachable = e == Epilogue::kNone || bgrad_epilogue_supported(dt, sh.n);
             if (reachable)
               ADD_FAILURE() << "a wrong algorithm matmul() can run: " << describe_case(c) << " candidate " << i
                             << " (" << config << ")";
@@ -1433,6 +1476,37 @@ TEST(GemmGpu, AutotuneWaitsForAnEagerCall) {
   again.seed = 40010;
   run_case(again, env.stream.get(), env.workspace.get(), env.workspace_bytes);
   EXPECT_TRUE(plan->tuned());
+}
+
+// The tuner's output check (gemm_verify.h) on real GEMMs: a GEMM agrees with itself run again, and
+// outputs poisoned and left unwritten (every element the epilogue writes: D, aux, bgrad) never
+// agree with it. The last enqueue is the real one, which run_case_with then checks.
+TEST(GemmGpu, OutputCheckSeesUnwrittenOutputs) {
+  TPEXT_REQUIRE_GPUS(1);
+  GpuEnv env;
+  const cudaStream_t s = env.stream.get();
+  uint32_t seed = 45000;
+  for (DataType dt : kDtypes)
+    for (Epilogue e : {Epilogue::kNone, Epilogue::kBiasGeluAux, Epilogue::kBgrad, Epilogue::kDGeluBgrad}) {
+      const bool trans_a = e == Epilogue::kBgrad;
+      const Case c = gemm_case(40, 24, 72, trans_a, !trans_a, dt, e, 3, seed += 10);
+      run_case_with(c, s, [&](const MatmulDesc& desc, const MatmulPointers& p) {
+        const MatmulDesc d = with_resolved_leading_dims(desc);
+        const double tol = agreement_tolerance(d);
+        matmul(desc, p, env.workspace.get(), env.workspace_bytes, s);
+        const OutputSample ref = sample_outputs(d, p, s);
+        EXPECT_EQ(ref.d.size(), size_t(c.m * c.n)) << "a small D is sampled whole";
+        EXPECT_EQ(ref.aux.size(), epilogue_writes_aux(e) ? size_t(c.m * c.n) : 0u);
+        EXPECT_EQ(ref.bgrad.size(), epilogue_writes_bgrad(e) ? size_t(bgrad_length(d)) : 0u);
+        poison_outputs(d, p, s);
+        const OutputSample poisoned = sample_outputs(d, p, s);
+        for (const std::vector<double>* out : {&poisoned.d, &poisoned.aux, &poisoned.bgrad})
+          for (double v : *out) ASSERT_TRUE(std::isnan(v)) << "poison left a number: " << v;
+        EXPECT_FALSE(samples_agree(poisoned, ref, tol));
+        matmul(desc, p, env.workspace.get(), env.workspace_bytes, s);
+        EXPECT_TRUE(samples_agree(sample_outputs(d, p, s), ref, tol)) << "the same GEMM again disagrees";
+      });
+    }
 }
 
 TEST(GemmGpu, SecondIdenticalCallReusesThePlan) {

@@ -1,0 +1,43 @@
+// Checking one cuBLASLt algorithm's results against another's before the autotuner may keep it.
+// The heuristic's lower-ranked algorithms are not all right for every problem (float16 bias
+// gradients of one column wrote one element of m on 2 H200s, bench/NOTES.md attempt 5), so a
+// candidate is only chosen after its outputs (a sample of D, the aux output, every bias-gradient
+// element) agreed with the first choice's on the same operands, each output first filled with
+// NaN so that an element it leaves unwritten cannot pass. Not public API.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "gemm.h"
+
+namespace tpext::core {
+
+// Host copies of what a GEMM wrote, as doubles: the first rows of D (and of the aux output) up to
+// about kSampleElements elements, and the whole bias gradient.
+struct OutputSample {
+  std::vector<double> d, aux, bgrad;
+};
+constexpr size_t kSampleElements = size_t{1} << 16;
+
+// Fills every output the epilogue writes (D, aux, bgrad) with all-ones bytes, which is NaN in
+// float32, bfloat16 and float16, on `stream`. `desc` is resolved, its GEMM not accumulating.
+void poison_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
+
+// Waits for `stream`, then copies the sample. `desc` is resolved.
+OutputSample sample_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
+
+// `n` elements of `dtype` (float32, bfloat16 or float16) in host memory, as doubles.
+std::vector<double> to_doubles(const void* host, DataType dtype, size_t n);
+
+// How far two correct algorithms' outputs may differ, relative to the largest reference magnitude
+// of that output: both accumulate in float32 in different orders, then round to the output type.
+double agreement_tolerance(const MatmulDesc& desc);
+
+// Whether every element of `got` is within tolerance * max|ref| of `ref`, output by output (a NaN
+// or infinity where the reference is finite never is; sizes must match).
+bool samples_agree(const OutputSample& got, const OutputSample& ref, double tolerance);
+
+}  // namespace tpext::core
