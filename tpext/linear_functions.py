@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _C, debug
+from . import debug, tuning
 from .errors import call_native
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -150,7 +150,7 @@ class RowParallelLinearFunction(torch.autograd.Function):
             # The bias is replicated, so its gradient must come out bitwise the same on every rank.
             # The weight-gradient GEMM's epilogue gives that only while every rank runs the same
             # algorithm; autotuning may pick another per rank, so torch sums it then.
-            sum_bias_in_torch = need_b and _C.gemm_autotune() > 1
+            sum_bias_in_torch = need_b and tuning.gemm_autotune_on()
             need_b_native = need_b and not sum_bias_in_torch
             if need_x or need_w or need_b_native:
                 dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b_native, need_x,

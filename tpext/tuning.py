@@ -85,11 +85,24 @@ def row_tail_weight() -> float:
     return float(_C.row_tail_weight())
 
 
+# set_gemm_autotune's value, kept here too: the autograd Functions read it in their backward, which
+# torch.compile traces, and dynamo can read a Python global (guarding on it) but not call into _C.
+_autotune_candidates = 0
+
+
 def set_gemm_autotune(candidates: int) -> None:
     """How many of cuBLASLt's best algorithms to time per GEMM problem (0 or 1: off, up to 16; the
     C++ setter raises ValueError outside that). Plans made under another setting stay cached beside
     the new ones."""
+    global _autotune_candidates
     _C.set_gemm_autotune(_int_arg("set_gemm_autotune", "candidates", candidates))
+    _autotune_candidates = candidates
+
+
+def gemm_autotune_on() -> bool:
+    """Whether GEMMs are autotuned (set_gemm_autotune(n) with n >= 2), so that ranks may run
+    different algorithms for the same problem."""
+    return _autotune_candidates > 1
 
 
 def gemm_autotune() -> int:
