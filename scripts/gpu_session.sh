@@ -37,6 +37,8 @@ archive() {
 }
 trap 'archive; exit 124' TERM
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+# A setting "A" or "A:B" (SWEEP's SMs:CTAs, AB_SETTINGS' candidates:ms) into $s and $c (B defaults to A).
+parse_setting() { s=${1%%:*}; c=${1#*:}; }
 
 # Wheels the box lacks (megatron-core for the peer bench) travel in .whl/ (see the device notes).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -113,8 +115,6 @@ best_sms=0; best_ctas=0
 # those GEMMs go through a communicator capped at C CTAs (tpext.init's nccl_overlap_ctas); the rest,
 # and the peers' NCCL, keep NCCL's choice.
 carve_args() { echo "--overlap-sms $1"; if [ "$2" != 0 ]; then echo "--nccl-overlap-ctas $2"; fi; }
-# A SWEEP setting "S" or "S:C" into $s (SMs) and $c (CTAs; C defaults to S).
-parse_setting() { s=${1%%:*}; c=${1#*:}; }
 if has sweep && [ "$ngpu" -ge 2 ]; then
   best_score=""
   settings=${SWEEP:-0 8 16 32}
