@@ -45,10 +45,11 @@ class MatmulPlan {
 
   // Enqueues the GEMM on `stream` with this call's pointers (same alignment classes as the
   // first call's, which the cache key guarantees). Safe to call from several threads. A plan with
-  // several candidates that is not tuned yet first times them on this call's operands and keeps
-  // the fastest (see set_matmul_autotune), waiting on the host for the timing; not while `stream`
-  // is being captured into a CUDA graph (the first choice runs, the next eager call tunes). The
-  // timed runs write D, aux and bgrad, which the chosen algorithm's run then writes again.
+  // several candidates that is not tuned yet first checks and times them on this call's operands
+  // and keeps the fastest (see set_matmul_autotune; gemm_tune.cpp), waiting on the host for it; not
+  // while `stream` is being captured into a CUDA graph (the first choice runs, the next eager call
+  // tunes). The checked and timed runs write D, aux and bgrad, which the chosen algorithm's run
+  // then writes again.
   void run(const MatmulPointers& ptrs, void* workspace, size_t workspace_bytes,
            cudaStream_t stream);
 

@@ -30,13 +30,18 @@ double float16_value(uint16_t v) {
   return sign * std::ldexp(1024 + mantissa, exponent - 25);
 }
 
-// The first rows of a row-major matrix with row stride `ld`, up to kSampleElements elements.
-std::vector<double> sample_rows(const void* p, int64_t rows, int64_t cols, int64_t ld, DataType dtype) {
+// The first rows of a row-major matrix with row stride `ld`, up to kSampleElements elements. Copied
+// on `stream` and waited for there: a plain cudaMemcpy would go through the legacy default stream,
+// which also waits for every blocking stream's work (a collective stuck on the comm stream, say).
+std::vector<double> sample_rows(const void* p, int64_t rows, int64_t cols, int64_t ld, DataType dtype,
+                                cudaStream_t stream) {
   const size_t es = element_size(dtype);
   const int64_t take = std::max<int64_t>(1, std::min<int64_t>(rows, static_cast<int64_t>(kSampleElements) / cols));
   std::vector<unsigned char> host(static_cast<size_t>(take * cols) * es);
-  TPEXT_CUDA_CHECK(cudaMemcpy2D(host.data(), static_cast<size_t>(cols) * es, p, static_cast<size_t>(ld) * es,
-                                static_cast<size_t>(cols) * es, static_cast<size_t>(take), cudaMemcpyDeviceToHost));
+  TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(host.data(), static_cast<size_t>(cols) * es, p, static_cast<size_t>(ld) * es,
+                                     static_cast<size_t>(cols) * es, static_cast<size_t>(take), cudaMemcpyDeviceToHost,
+                                     stream));
+  TPEXT_CUDA_CHECK(cudaStreamSynchronize(stream));
   return to_doubles(host.data(), dtype, static_cast<size_t>(take * cols));
 }
 
@@ -68,11 +73,11 @@ void poison_outputs(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t s
 }
 
 OutputSample sample_outputs(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t stream) {
-  TPEXT_CUDA_CHECK(cudaStreamSynchronize(stream));
   OutputSample s;
-  s.d = sample_rows(p.d, d.m, d.n, d.ldd, d.dtype);
-  if (epilogue_writes_aux(d.epilogue)) s.aux = sample_rows(p.aux, d.m, d.n, d.ldaux, d.dtype);
-  if (epilogue_writes_bgrad(d.epilogue)) s.bgrad = sample_rows(p.bgrad, 1, bgrad_length(d), bgrad_length(d), d.dtype);
+  s.d = sample_rows(p.d, d.m, d.n, d.ldd, d.dtype, stream);
+  if (epilogue_writes_aux(d.epilogue)) s.aux = sample_rows(p.aux, d.m, d.n, d.ldaux, d.dtype, stream);
+  if (epilogue_writes_bgrad(d.epilogue))
+    s.bgrad = sample_rows(p.bgrad, 1, bgrad_length(d), bgrad_length(d), d.dtype, stream);
   return s;
 }
 

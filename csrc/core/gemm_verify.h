@@ -26,7 +26,7 @@ constexpr size_t kSampleElements = size_t{1} << 16;
 // float32, bfloat16 and float16, on `stream`. `desc` is resolved, its GEMM not accumulating.
 void poison_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
 
-// Waits for `stream`, then copies the sample. `desc` is resolved.
+// Copies the sample on `stream` and waits for it there. `desc` is resolved.
 OutputSample sample_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
 
 // `n` elements of `dtype` (float32, bfloat16 or float16) in host memory, as doubles.
