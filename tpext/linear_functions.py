@@ -156,7 +156,7 @@ class RowParallelLinearFunction(torch.autograd.Function):
                 dx, dw, db = call_native(torch.ops.tpext.linear_backward, grad, input, weight, need_b_native, need_x,
                                          need_w or need_b_native)
             if sum_bias_in_torch:
-                db = _rows(grad).sum(0)
+                _, db = _torch_weight_grads(grad, input, False, True)
         else:
             if need_x:
                 dx = grad.matmul(weight)

@@ -8,6 +8,7 @@
 #include "gemm_cache.h"
 #include "gemm_check.h"
 #include "gemm_plan.h"
+#include "gemm_verify.h"
 
 namespace tpext::core {
 namespace {
@@ -22,30 +23,6 @@ void check_cuda_for(cudaError_t result, const char* call, const MatmulDesc& desc
   if (result != cudaSuccess) throw_cuda_error(result, call, describe(desc));
 }
 
-// k == 0: op(A)·op(B) is the empty sum, 0. cuBLASLt does not take k = 0, and the outputs are
-// all zeros (gelu(0) = 0, 0 · gelu'(aux) = 0, empty bias sums = 0), which cudaMemset writes:
-// zero bytes are +0.0 in float32, bfloat16 and float16 alike.
-void write_empty_product(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t stream) {
-  const size_t es = element_size(d.dtype);
-  const size_t row_bytes = static_cast<size_t>(d.n) * es;
-  const size_t rows = static_cast<size_t>(d.m);
-  if (!d.accumulate) {
-    check_cuda_for(
-        cudaMemset2DAsync(p.d, static_cast<size_t>(d.ldd) * es, 0, row_bytes, rows, stream),
-        "cudaMemset2DAsync(d)", d);
-  }
-  if (epilogue_writes_aux(d.epilogue)) {
-    check_cuda_for(
-        cudaMemset2DAsync(p.aux, static_cast<size_t>(d.ldaux) * es, 0, row_bytes, rows, stream),
-        "cudaMemset2DAsync(aux)", d);
-  }
-  if (epilogue_writes_bgrad(d.epilogue)) {
-    check_cuda_for(
-        cudaMemsetAsync(p.bgrad, 0, static_cast<size_t>(bgrad_length(d)) * es, stream),
-        "cudaMemsetAsync(bgrad)", d);
-  }
-}
-
 }  // namespace
 
 void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
@@ -54,7 +31,9 @@ void matmul(const MatmulDesc& desc, const MatmulPointers& ptrs, void* workspace,
   if (desc.m == 0 || desc.n == 0) return;
   const MatmulDesc d = with_resolved_leading_dims(desc);
   if (d.k == 0) {
-    write_empty_product(d, ptrs, stream);
+    // The empty product is 0, and so is every output of it (gelu(0) = 0, 0 · gelu'(aux) = 0, empty
+    // bias sums = 0): zero bytes, +0.0 in every float type. cuBLASLt does not take k = 0.
+    fill_outputs(d, ptrs, 0, stream);
     return;
   }
   int device = -1;

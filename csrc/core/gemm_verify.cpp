@@ -1,9 +1,11 @@
 #include "gemm_verify.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "error.h"
@@ -12,37 +14,17 @@
 namespace tpext::core {
 namespace {
 
-float from_bits(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-double bfloat16_value(uint16_t v) { return from_bits(static_cast<uint32_t>(v) << 16); }
-
-// IEEE binary16: 1 sign, 5 exponent (bias 15), 10 mantissa bits.
-double float16_value(uint16_t v) {
-  const int sign = v >> 15 ? -1 : 1;
-  const int exponent = (v >> 10) & 0x1f;
-  const int mantissa = v & 0x3ff;
-  if (exponent == 0x1f) return mantissa ? std::nan("") : sign * INFINITY;
-  if (exponent == 0) return sign * std::ldexp(mantissa, -24);  // subnormal: mantissa * 2^-14 / 2^10
-  return sign * std::ldexp(1024 + mantissa, exponent - 25);
-}
-
-// The first rows of a row-major matrix with row stride `ld`, up to kSampleElements elements. Copied
-// on `stream` and waited for there: a plain cudaMemcpy would go through the legacy default stream,
-// which also waits for every blocking stream's work (a collective stuck on the comm stream, say).
-std::vector<double> sample_rows(const void* p, int64_t rows, int64_t cols, int64_t ld, DataType dtype,
-                                cudaStream_t stream) {
+// Enqueues on `stream` the copy of the first rows of a row-major matrix with row stride `ld`, up
+// to kSampleElements elements, into `host` (resized); returns the element count.
+size_t enqueue_sample(const void* p, int64_t rows, int64_t cols, int64_t ld, DataType dtype,
+                      std::vector<unsigned char>& host, cudaStream_t stream) {
   const size_t es = element_size(dtype);
   const int64_t take = std::max<int64_t>(1, std::min<int64_t>(rows, static_cast<int64_t>(kSampleElements) / cols));
-  std::vector<unsigned char> host(static_cast<size_t>(take * cols) * es);
+  host.resize(static_cast<size_t>(take * cols) * es);
   TPEXT_CUDA_CHECK(cudaMemcpy2DAsync(host.data(), static_cast<size_t>(cols) * es, p, static_cast<size_t>(ld) * es,
                                      static_cast<size_t>(cols) * es, static_cast<size_t>(take), cudaMemcpyDeviceToHost,
                                      stream));
-  TPEXT_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return to_doubles(host.data(), dtype, static_cast<size_t>(take * cols));
+  return static_cast<size_t>(take * cols);
 }
 
 bool output_agrees(const std::vector<double>& got, const std::vector<double>& ref, double tolerance) {
@@ -60,25 +42,36 @@ bool output_agrees(const std::vector<double>& got, const std::vector<double>& re
 
 }  // namespace
 
-void poison_outputs(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t stream) {
+void fill_outputs(const MatmulDesc& d, const MatmulPointers& p, int byte, cudaStream_t stream) {
   const size_t es = element_size(d.dtype);
   const size_t row_bytes = static_cast<size_t>(d.n) * es;
-  TPEXT_CUDA_CHECK(cudaMemset2DAsync(p.d, static_cast<size_t>(d.ldd) * es, 0xff, row_bytes,
-                                     static_cast<size_t>(d.m), stream));
+  const size_t rows = static_cast<size_t>(d.m);
+  if (!d.accumulate)
+    TPEXT_CUDA_CHECK_CTX(cudaMemset2DAsync(p.d, static_cast<size_t>(d.ldd) * es, byte, row_bytes, rows, stream),
+                         describe(d));
   if (epilogue_writes_aux(d.epilogue))
-    TPEXT_CUDA_CHECK(cudaMemset2DAsync(p.aux, static_cast<size_t>(d.ldaux) * es, 0xff, row_bytes,
-                                       static_cast<size_t>(d.m), stream));
+    TPEXT_CUDA_CHECK_CTX(cudaMemset2DAsync(p.aux, static_cast<size_t>(d.ldaux) * es, byte, row_bytes, rows, stream),
+                         describe(d));
   if (epilogue_writes_bgrad(d.epilogue))
-    TPEXT_CUDA_CHECK(cudaMemsetAsync(p.bgrad, 0xff, static_cast<size_t>(bgrad_length(d)) * es, stream));
+    TPEXT_CUDA_CHECK_CTX(cudaMemsetAsync(p.bgrad, byte, static_cast<size_t>(bgrad_length(d)) * es, stream),
+                         describe(d));
 }
 
 OutputSample sample_outputs(const MatmulDesc& d, const MatmulPointers& p, cudaStream_t stream) {
-  OutputSample s;
-  s.d = sample_rows(p.d, d.m, d.n, d.ldd, d.dtype, stream);
-  if (epilogue_writes_aux(d.epilogue)) s.aux = sample_rows(p.aux, d.m, d.n, d.ldaux, d.dtype, stream);
-  if (epilogue_writes_bgrad(d.epilogue))
-    s.bgrad = sample_rows(p.bgrad, 1, bgrad_length(d), bgrad_length(d), d.dtype, stream);
-  return s;
+  // Copied on `stream` and waited for there, once for all three: a plain cudaMemcpy would go
+  // through the legacy default stream, which also waits for every blocking stream's work (a
+  // collective stuck on the comm stream, say).
+  std::vector<unsigned char> d_bytes, aux_bytes, bgrad_bytes;
+  const size_t d_n = enqueue_sample(p.d, d.m, d.n, d.ldd, d.dtype, d_bytes, stream);
+  const size_t aux_n =
+      epilogue_writes_aux(d.epilogue) ? enqueue_sample(p.aux, d.m, d.n, d.ldaux, d.dtype, aux_bytes, stream) : 0;
+  const int64_t bgrad_len = bgrad_length(d);
+  const size_t bgrad_n = epilogue_writes_bgrad(d.epilogue)
+                             ? enqueue_sample(p.bgrad, 1, bgrad_len, bgrad_len, d.dtype, bgrad_bytes, stream)
+                             : 0;
+  TPEXT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return {to_doubles(d_bytes.data(), d.dtype, d_n), to_doubles(aux_bytes.data(), d.dtype, aux_n),
+          to_doubles(bgrad_bytes.data(), d.dtype, bgrad_n)};
 }
 
 std::vector<double> to_doubles(const void* host, DataType dtype, size_t n) {
@@ -89,14 +82,14 @@ std::vector<double> to_doubles(const void* host, DataType dtype, size_t n) {
       for (size_t i = 0; i < n; ++i) out[i] = v[i];
       return out;
     }
-    case DataType::kBFloat16: {
-      const auto* v = static_cast<const uint16_t*>(host);
-      for (size_t i = 0; i < n; ++i) out[i] = bfloat16_value(v[i]);
+    case DataType::kBFloat16: {  // CUDA's own host conversions (cuda_bf16.h, cuda_fp16.h)
+      const auto* v = static_cast<const __nv_bfloat16*>(host);
+      for (size_t i = 0; i < n; ++i) out[i] = __bfloat162float(v[i]);
       return out;
     }
     case DataType::kFloat16: {
-      const auto* v = static_cast<const uint16_t*>(host);
-      for (size_t i = 0; i < n; ++i) out[i] = float16_value(v[i]);
+      const auto* v = static_cast<const __half*>(host);
+      for (size_t i = 0; i < n; ++i) out[i] = __half2float(v[i]);
       return out;
     }
     default: break;

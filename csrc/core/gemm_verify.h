@@ -22,9 +22,16 @@ struct OutputSample {
 };
 constexpr size_t kSampleElements = size_t{1} << 16;
 
-// Fills every output the epilogue writes (D, aux, bgrad) with all-ones bytes, which is NaN in
-// float32, bfloat16 and float16, on `stream`. `desc` is resolved, its GEMM not accumulating.
-void poison_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
+// Fills every element the GEMM writes with `byte` on `stream`: D (unless it accumulates into D,
+// which is then an input), the aux output and the bias gradient, row by row (padding untouched).
+// Byte 0 is +0.0 in float32, bfloat16 and float16 alike (matmul's empty product, k == 0); 0xff is
+// NaN in all three. `desc` is resolved. CUDA failures throw CudaError naming the GEMM.
+void fill_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, int byte, cudaStream_t stream);
+
+// fill_outputs with NaN: what the tuner does before each candidate runs.
+inline void poison_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream) {
+  fill_outputs(desc, ptrs, 0xff, stream);
+}
 
 // Copies the sample on `stream` and waits for it there. `desc` is resolved.
 OutputSample sample_outputs(const MatmulDesc& desc, const MatmulPointers& ptrs, cudaStream_t stream);
